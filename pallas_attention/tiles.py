@@ -1,0 +1,104 @@
+"""Tile arithmetic of FlashAttention, shared by the Pallas kernels and the XLA path.
+
+Each function works on one tile of one head: queries ``[bq, H]``, keys and values
+``[bk, H]``. Scores live in the base-2 domain (``log2(e)`` folded into the scale)
+so the kernels use ``exp2``; the log-sum-exp they keep is base-2 as well and is
+converted to natural log only at the public boundary.
+
+For one head, with ``s = scale * q kᵀ + bias`` masked to ``-inf``::
+
+    p = softmax(s),  o = p v,  lse = log Σ exp(s)
+    backward:  dv = pᵀ do,  dp = do vᵀ,  ds = p ⊙ (dp − δ),  δ = rowsum(do ⊙ o) − dlse
+               dq = scale · ds k,  dk = scale · dsᵀ q,  dbias = ds
+
+A row with nothing to attend to keeps ``l = 0``: its output is zero and its
+log-sum-exp ``-inf``; the backward turns that ``-inf`` into ``+inf`` so that its
+probabilities come out as exactly zero rather than NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def dot(a, b, dims=_NN):
+  """Matrix product with float32 accumulation and no TF32 rounding of float32 inputs."""
+  return lax.dot_general(
+      a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  )
+
+
+def dot_nt(a, b):
+  return dot(a, b, _NT)
+
+
+def dot_tn(a, b):
+  return dot(a, b, _TN)
+
+
+def scores(q, k, scale: float, bias=None, keep=None):
+  """Base-2 logits ``[bq, bk]`` in float32; ``-inf`` where ``keep`` is False."""
+  s = dot_nt(q, k) * (scale * LOG2E)
+  if bias is not None:
+    s = s + bias.astype(jnp.float32) * LOG2E
+  if keep is not None:
+    s = jnp.where(keep, s, -jnp.inf)
+  return s
+
+
+def softmax_step(s, v, m, l, acc):
+  """One online-softmax update with score tile ``s`` and value tile ``v``.
+
+  ``m`` is the running row maximum, ``l`` the running denominator (both
+  ``[bq]``), ``acc`` the unnormalised output ``[bq, H]`` in float32.
+  """
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  # Rows that have seen only masked scores keep m = -inf; shift them by zero
+  # so exp2 gives 0 instead of NaN.
+  m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp2(m - m_shift)
+  p = jnp.exp2(s - m_shift[:, None])
+  l = l * alpha + jnp.sum(p, axis=1)
+  acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+  return m_new, l, acc
+
+
+def softmax_init(block_q: int, head_dim: int):
+  m = jnp.full((block_q,), -jnp.inf, jnp.float32)
+  l = jnp.zeros((block_q,), jnp.float32)
+  acc = jnp.zeros((block_q, head_dim), jnp.float32)
+  return m, l, acc
+
+
+def softmax_finish(m, l, acc):
+  """Normalised output ``[bq, H]`` (float32) and base-2 log-sum-exp ``[bq]``."""
+  empty = l == 0.0
+  out = acc / jnp.where(empty, 1.0, l)[:, None]
+  lse2 = jnp.where(empty, -jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
+  return out, lse2
+
+
+def backward_lse(lse2):
+  """The base-2 log-sum-exp the backward subtracts: ``+inf`` for empty rows."""
+  return jnp.where(lse2 == -jnp.inf, jnp.inf, lse2)
+
+
+def score_grad(s, v, do, lse2, delta):
+  """Probabilities ``p`` and logit gradients ``ds`` of one tile, both ``[bq, bk]`` f32.
+
+  ``lse2`` comes from backward_lse; ``delta`` is ``rowsum(do ⊙ o) − dlse``.
+  """
+  p = jnp.exp2(s - lse2[:, None])
+  dp = dot_nt(do, v)
+  ds = p * (dp - delta[:, None])
+  return p, ds

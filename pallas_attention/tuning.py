@@ -1,0 +1,60 @@
+"""Block sizes per implementation, head dim and dtype: the one table to tune."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBlocks:
+  """Tiles and launch parameters of the Pallas-Triton kernels.
+
+  ``fwd_*``: forward; ``dkv_*``: the dK/dV kernel (a key block loops over query
+  blocks); ``dq_*``: the dQ kernel (a query block loops over key blocks).
+  """
+
+  fwd_q: int
+  fwd_k: int
+  fwd_warps: int
+  fwd_stages: int
+  dkv_q: int
+  dkv_k: int
+  dkv_warps: int
+  dkv_stages: int
+  dq_q: int
+  dq_k: int
+  dq_warps: int
+  dq_stages: int
+
+  def clipped(self, t: int, s: int) -> "TritonBlocks":
+    """Shrink tiles that exceed the (power-of-two padded) sequence lengths."""
+    tq, tk = max(16, next_power_of_2(t)), max(16, next_power_of_2(s))
+    return dataclasses.replace(
+        self,
+        fwd_q=min(self.fwd_q, tq),
+        fwd_k=min(self.fwd_k, tk),
+        dkv_q=min(self.dkv_q, tq),
+        dkv_k=min(self.dkv_k, tk),
+        dq_q=min(self.dq_q, tq),
+        dq_k=min(self.dq_k, tk),
+    )
+
+
+def next_power_of_2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+# head_dim (after padding to a power of two) -> blocks. Measured on an H100,
+# bf16; see benchmarks/RESULTS.md.
+_TRITON = {
+    16: TritonBlocks(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2),
+    32: TritonBlocks(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2),
+    64: TritonBlocks(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2),
+    128: TritonBlocks(128, 64, 8, 3, 64, 128, 8, 2, 128, 64, 8, 2),
+    256: TritonBlocks(64, 32, 4, 2, 32, 64, 8, 1, 64, 32, 8, 1),
+}
+
+
+def triton_blocks(head_dim: int) -> TritonBlocks:
+  """Default Triton blocks for a head dim padded to a power of two (16..256)."""
+  return _TRITON[max(16, next_power_of_2(head_dim))]
