@@ -114,23 +114,44 @@ def flash_attention(
   spec = masks.MaskSpec(bool(is_causal), *_window(local_window_size))
   scale = _scale(scale, h)
 
-  problem = None
-  reasons = []
-  for name in names:
-    module = _module(name)
-    reason = module if isinstance(module, str) else module.supports(
-        Problem(scale, spec, name), query, key, bias, mask)
-    if reason is None:
-      problem = Problem(scale, spec, name)
-      break
-    reasons.append(f"{name}: {reason}")
-  if problem is None:
-    raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
-
+  problem = _select(names, scale, spec, query, key, bias, mask)
   out, lse = core.attention_jit(problem, query, key, value, bias, mask, q_len, kv_len)
   if unbatched:
     out, lse = out[0], lse[0]
   return (out, lse) if return_residual else out
+
+
+def available_implementations() -> list[str]:
+  """Implementations that can run on the default device, fastest first.
+
+  ``implementation=None`` tries them in this order; the first that supports the
+  call's shapes and options runs it.
+  """
+  return [name for name in _default_order() if _unavailable(name) is None]
+
+
+def _select(names, scale, spec, query, key, bias, mask) -> Problem:
+  reasons = []
+  for name in names:
+    reason = _unavailable(name)
+    problem = Problem(scale, spec, name)
+    if reason is None:
+      reason = core.implementation_module(name).supports(problem, query, key, bias, mask)
+    if reason is None:
+      return problem
+    reasons.append(f"{name}: {reason}")
+  raise NotImplementedError("no implementation supports this call: " + "; ".join(reasons))
+
+
+def _unavailable(name: str) -> str | None:
+  """Why implementation ``name`` cannot run on the default device, or None."""
+  if name == "mosaic":
+    return "the Mosaic GPU (Hopper) kernels are not built yet"
+  try:
+    module = core.implementation_module(name)
+  except ImportError as err:  # e.g. a JAX release without the Pallas Triton lowering
+    return f"cannot be imported ({err})"
+  return module.unavailable()
 
 
 def _implementation_names(implementation) -> tuple[str, ...]:
@@ -152,16 +173,6 @@ def _default_order() -> tuple[str, ...]:
   if jax.default_backend() == "gpu":
     return IMPLEMENTATIONS
   return ("xla",)
-
-
-def _module(name: str):
-  """The implementation's module, or a string saying why it is unavailable."""
-  if name == "mosaic":
-    return "the Mosaic GPU (Hopper) kernels are not built yet"
-  try:
-    return core.implementation_module(name)
-  except ImportError as err:  # e.g. a JAX release without the Pallas Triton lowering
-    return f"cannot be imported ({err})"
 
 
 def _as_float_array(x, name: str):

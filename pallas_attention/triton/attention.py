@@ -26,11 +26,8 @@ NAME = "triton"
 MAX_HEAD_DIM = 256
 
 
-def supports(problem: Problem, q, k, bias, mask) -> str | None:
-  """None: these kernels serve the call; otherwise why not."""
-  del problem, k, bias, mask
-  if q.shape[-1] > MAX_HEAD_DIM:
-    return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+def unavailable() -> str | None:
+  """None if the kernels can run on the default device; otherwise why not."""
   backend = jax.default_backend()
   if backend == "cpu":
     return None  # interpret mode
@@ -41,6 +38,14 @@ def supports(problem: Problem, q, k, bias, mask) -> str | None:
   if capability is None or float(capability) < 8.0:
     return f"needs compute capability >= 8.0, not {capability} ({device.device_kind})"
   return None
+
+
+def supports(problem: Problem, q, k, bias, mask) -> str | None:
+  """None: these kernels serve the call; otherwise why not."""
+  del problem, k, bias, mask
+  if q.shape[-1] > MAX_HEAD_DIM:
+    return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+  return unavailable()
 
 
 def _interpret() -> bool:

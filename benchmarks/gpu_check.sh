@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything the GPU machine should run, in one call of the device tool:
+#   benchmarks/gpu_check.sh [tests] [bench] [memory] [tune]   (default: tests bench memory)
+# Logs and JSON go to $OUT (or ./gpu_out); the last lines printed are the tables.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_out}"; mkdir -p "$out"
+export PYTHONPATH="$PWD:$PWD/benchmarks" PYTHONUNBUFFERED=1
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(tests bench memory)
+python3 -c 'import jax; d = jax.devices()[0]; print("#", d.device_kind, "| jax", jax.__version__)' | tee "$out/device.txt"
+for step in "${steps[@]}"; do
+  case "$step" in
+    tests)
+      python3 -m pytest -q -x -p no:cacheprovider tests > "$out/tests.log" 2>&1
+      echo "tests: exit $? -- $(tail -n 1 "$out/tests.log")" | tee -a "$out/summary.txt" ;;
+    bench)
+      python3 benchmarks/bench.py --head-dims 64 128 --seqlens 1024 4096 16384 \
+        --impls triton xla cudnn xla-dense --json "$out/bench.json" \
+        > "$out/bench.md" 2> "$out/bench.log"
+      echo "bench: exit $?" >> "$out/summary.txt" ;;
+    memory)
+      python3 benchmarks/memory.py --seqlens 4096 16384 32768 > "$out/memory.md" 2> "$out/memory.log"
+      echo "memory: exit $?" >> "$out/summary.txt" ;;
+    tune)
+      python3 benchmarks/tune_triton.py --head-dims ${TUNE_HEAD_DIMS:-64 256} --seqlen 16384 \
+        > "$out/tune.log" 2>&1
+      grep -A1 BEST "$out/tune.log" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+cat "$out/summary.txt"
+for table in bench memory; do [ -f "$out/$table.md" ] && cat "$out/$table.md"; done
+exit 0

@@ -1,0 +1,58 @@
+"""Shared test helpers: the float64 oracle, random inputs, the GPU marker."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_attention import reference
+
+ON_GPU = jax.default_backend() == "gpu"
+# Every implementation that can run here: on CPU Triton runs in interpret mode.
+IMPLEMENTATIONS = ["xla", "triton"]
+TOLERANCE = {jnp.float32: 2e-3, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
+
+
+def pytest_collection_modifyitems(config, items):
+  if ON_GPU:
+    return
+  skip = pytest.mark.skip(reason="needs a GPU (runs on the device machine)")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+  """A generator seeded from the test's name: fresh inputs per case, reproducible."""
+  return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+
+
+def normal(rng, shape, dtype=jnp.float32, scale=1.0):
+  return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+
+def rel_err(actual, expected) -> float:
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert np.all(np.isfinite(actual)), "non-finite values"
+  denom = np.linalg.norm(expected)
+  return float(np.linalg.norm(actual - expected) / (denom if denom > 0 else 1.0))
+
+
+def reference_with_grads(q, k, v, cotangent, bias=None, **kwargs):
+  """Float64 out, lse and gradients of sum(out * cotangent) w.r.t. q, k, v (and bias)."""
+  with jax.enable_x64(True):
+    to64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
+    q, k, v, bias, cotangent = map(to64, (q, k, v, bias, cotangent))
+
+    def loss(q, k, v, bias):
+      out, _ = reference.attention(q, k, v, bias, **kwargs)
+      return jnp.sum(out * cotangent)
+
+    out, lse = reference.attention(q, k, v, bias, **kwargs)
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    grads = jax.grad(loss, argnums=argnums)(q, k, v, bias)
+    return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
