@@ -45,10 +45,16 @@ def _fn(impl: str, causal: bool, backward: bool):
   return jax.jit(fwd_bwd)
 
 
-def time_fn(fn, args, reps: int = 10, rounds: int = 5) -> float:
-  """Median seconds per call: calls queued back to back, timed per round."""
+def time_fn(fn, args, rounds: int = 5, round_seconds: float = 0.1) -> float:
+  """Median seconds per call: calls queued back to back, timed per round.
+
+  Each round queues enough calls to last about ``round_seconds`` (at most 20),
+  so slow baselines cost a few calls and fast kernels hide dispatch overhead.
+  """
   jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
   jax.block_until_ready(fn(*args))
+  reps = int(min(20, max(1, round_seconds / (time.perf_counter() - start))))
   per_call = []
   for _ in range(rounds):
     start = time.perf_counter()
