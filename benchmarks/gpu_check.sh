@@ -11,7 +11,11 @@ python3 -c 'import jax; d = jax.devices()[0]; print("#", d.device_kind, "| jax",
 for step in "${steps[@]}"; do
   case "$step" in
     tests)
-      python3 -m pytest -q -x -p no:cacheprovider tests > "$out/tests.log" 2>&1
+      # Kernel compilation is CPU-bound: spread the tests over processes that
+      # share the GPU without preallocating its memory.
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-540}" \
+        python3 -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-12}" --durations=10 tests \
+        > "$out/tests.log" 2>&1
       echo "tests: exit $? -- $(tail -n 1 "$out/tests.log")" | tee -a "$out/summary.txt" ;;
     bench)
       python3 benchmarks/bench.py --head-dims 64 128 --seqlens 1024 4096 16384 \

@@ -47,9 +47,9 @@ def next_power_of_2(x: int) -> int:
 # head_dim (after padding to a power of two) -> blocks. Measured on an H100,
 # bf16; see benchmarks/RESULTS.md.
 _TRITON = {
-    16: TritonBlocks(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2),
-    32: TritonBlocks(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2),
-    64: TritonBlocks(128, 64, 4, 3, 64, 128, 8, 2, 128, 64, 8, 2),
+    16: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
+    32: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
+    64: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
     128: TritonBlocks(128, 64, 4, 2, 64, 64, 4, 2, 128, 64, 8, 3),
     256: TritonBlocks(64, 32, 4, 2, 32, 64, 8, 1, 64, 32, 8, 1),
 }
