@@ -56,6 +56,7 @@ class Geometry:
   scale: float
   spec: masks.MaskSpec
   dense_mask: bool  # a dense mask forces the element-wise mask on every tile
+  precision: Any = tiles.EXACT  # of every matrix product
 
 
 def _three_ranges(lo, full_lo, full_hi, hi, dense_mask: bool):
@@ -71,7 +72,7 @@ def tile_scores(geo: Geometry, q, k, bias, keep, rows, cols, masked: bool, q_len
     keep = structural if keep is None else structural & keep
   else:
     keep = None
-  return tiles.scores(q, k, geo.scale, bias, keep)
+  return tiles.scores(q, k, geo.scale, bias, keep, geo.precision)
 
 
 def forward_rows(
@@ -91,7 +92,7 @@ def forward_rows(
       tile = load_kv(j)
       cols = j * geo.block_k + jnp.arange(geo.block_k, dtype=jnp.int32)
       s = tile_scores(geo, q, tile.k, tile.bias, tile.keep, rows, cols, masked, q_len, kv_len)
-      return tiles.softmax_step(s, tile.v, *carry)
+      return tiles.softmax_step(s, tile.v, *carry, precision=geo.precision)
 
     return step
 
@@ -121,8 +122,8 @@ def dq_rows(
       tile = load_kv(j)
       cols = j * geo.block_k + jnp.arange(geo.block_k, dtype=jnp.int32)
       s = tile_scores(geo, q, tile.k, tile.bias, tile.keep, rows, cols, masked, q_len, kv_len)
-      _, ds = tiles.score_grad(s, tile.v, do, lse2, delta)
-      return dq + tiles.dot(ds.astype(tile.k.dtype), tile.k)
+      _, ds = tiles.score_grad(s, tile.v, do, lse2, delta, geo.precision)
+      return dq + tiles.dot(ds.astype(tile.k.dtype), tile.k, precision=geo.precision)
 
     return step
 
@@ -156,9 +157,9 @@ def dkv_cols(
       tile = load_q(g, i)
       rows = i * geo.block_q + jnp.arange(geo.block_q, dtype=jnp.int32)
       s = tile_scores(geo, tile.q, k, tile.bias, tile.keep, rows, cols, masked, q_len, kv_len)
-      p, ds = tiles.score_grad(s, v, tile.do, tile.lse2, tile.delta)
-      dv = dv + tiles.dot_tn(p.astype(tile.do.dtype), tile.do)
-      dk = dk + tiles.dot_tn(ds.astype(tile.q.dtype), tile.q)
+      p, ds = tiles.score_grad(s, v, tile.do, tile.lse2, tile.delta, geo.precision)
+      dv = dv + tiles.dot_tn(p.astype(tile.do.dtype), tile.do, geo.precision)
+      dk = dk + tiles.dot_tn(ds.astype(tile.q.dtype), tile.q, geo.precision)
       return dk, dv
 
     return step

@@ -31,24 +31,26 @@ _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
-def dot(a, b, dims=_NN):
-  """Matrix product with float32 accumulation and no TF32 rounding of float32 inputs."""
-  return lax.dot_general(
-      a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-  )
+# Float32 products at full float32 accuracy: no TF32 rounding.
+EXACT = lax.Precision.HIGHEST
 
 
-def dot_nt(a, b):
-  return dot(a, b, _NT)
+def dot(a, b, dims=_NN, precision=EXACT):
+  """Matrix product with float32 accumulation."""
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def dot_tn(a, b):
-  return dot(a, b, _TN)
+def dot_nt(a, b, precision=EXACT):
+  return dot(a, b, _NT, precision)
 
 
-def scores(q, k, scale: float, bias=None, keep=None):
+def dot_tn(a, b, precision=EXACT):
+  return dot(a, b, _TN, precision)
+
+
+def scores(q, k, scale: float, bias=None, keep=None, precision=EXACT):
   """Base-2 logits ``[bq, bk]`` in float32; ``-inf`` where ``keep`` is False."""
-  s = dot_nt(q, k) * (scale * LOG2E)
+  s = dot_nt(q, k, precision) * (scale * LOG2E)
   if bias is not None:
     s = s + bias.astype(jnp.float32) * LOG2E
   if keep is not None:
@@ -56,7 +58,7 @@ def scores(q, k, scale: float, bias=None, keep=None):
   return s
 
 
-def softmax_step(s, v, m, l, acc):
+def softmax_step(s, v, m, l, acc, precision=EXACT):
   """One online-softmax update with score tile ``s`` and value tile ``v``.
 
   ``m`` is the running row maximum, ``l`` the running denominator (both
@@ -69,7 +71,7 @@ def softmax_step(s, v, m, l, acc):
   alpha = jnp.exp2(m - m_shift)
   p = jnp.exp2(s - m_shift[:, None])
   l = l * alpha + jnp.sum(p, axis=1)
-  acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+  acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
   return m_new, l, acc
 
 
@@ -93,12 +95,12 @@ def backward_lse(lse2):
   return jnp.where(lse2 == -jnp.inf, jnp.inf, lse2)
 
 
-def score_grad(s, v, do, lse2, delta):
+def score_grad(s, v, do, lse2, delta, precision=EXACT):
   """Probabilities ``p`` and logit gradients ``ds`` of one tile, both ``[bq, bk]`` f32.
 
   ``lse2`` comes from backward_lse; ``delta`` is ``rowsum(do ⊙ o) − dlse``.
   """
   p = jnp.exp2(s - lse2[:, None])
-  dp = dot_nt(do, v)
+  dp = dot_nt(do, v, precision)
   ds = p * (dp - delta[:, None])
   return p, ds

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 
 @dataclasses.dataclass(frozen=True)
 class TritonBlocks:
@@ -55,6 +57,15 @@ _TRITON = {
 }
 
 
-def triton_blocks(head_dim: int) -> TritonBlocks:
-  """Default Triton blocks for a head dim padded to a power of two (16..256)."""
-  return _TRITON[max(16, next_power_of_2(head_dim))]
+# Float32 tiles take twice the shared memory and float32 is not the speed path:
+# one small, safe configuration (head dim 256 halves it again).
+_TRITON_F32 = TritonBlocks(64, 32, 4, 2, 32, 64, 4, 2, 64, 32, 4, 2)
+_TRITON_F32_256 = TritonBlocks(32, 32, 4, 1, 32, 32, 4, 1, 32, 32, 4, 1)
+
+
+def triton_blocks(head_dim: int, dtype=None) -> TritonBlocks:
+  """Default Triton blocks for a head dim (padded to a power of two, 16..256) and dtype."""
+  head_dim = max(16, next_power_of_2(head_dim))
+  if dtype is not None and jnp.dtype(dtype) == jnp.float32:
+    return _TRITON_F32_256 if head_dim > 128 else _TRITON_F32
+  return _TRITON[head_dim]

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_attention import loops, tuning
+from pallas_attention import loops, tiles, tuning
 from pallas_attention.problem import Problem, pad_axis, pad_extra, round_up
 
 NAME = "triton"
@@ -52,8 +52,8 @@ def _interpret() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _blocks(problem: Problem, head_dim: int, t: int, s: int) -> tuning.TritonBlocks:
-  blocks = problem.config or tuning.triton_blocks(head_dim)
+def _blocks(problem: Problem, head_dim: int, dtype, t: int, s: int) -> tuning.TritonBlocks:
+  blocks = problem.config or tuning.triton_blocks(head_dim, dtype)
   return blocks.clipped(t, s)
 
 
@@ -87,8 +87,13 @@ def _prepare(h_pad, t_pad, s_pad, q, k, v, bias, mask):
   return q, k, v, [x for x in (bias, mask) if x is not None]
 
 
-def _geometry(problem, block_q, block_k, mask) -> loops.Geometry:
-  return loops.Geometry(block_q, block_k, problem.scale, problem.spec, mask is not None)
+def _geometry(problem, block_q, block_k, mask, dtype) -> loops.Geometry:
+  precision = tiles.EXACT
+  if dtype == jnp.float32 and not _interpret():
+    # Triton's exact float32 product is scalar FMA code, slow to compile and to
+    # run; three TF32 passes keep float32 accuracy on the tensor cores.
+    precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  return loops.Geometry(block_q, block_k, problem.scale, problem.spec, mask is not None, precision)
 
 
 def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, geo, groups, has_bias, has_mask):
@@ -123,12 +128,12 @@ def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   b, t, n, h = q.shape
   s, num_kv_heads = k.shape[1], k.shape[2]
   h_pad = max(16, tuning.next_power_of_2(h))
-  blocks = _blocks(problem, h_pad, t, s)
+  blocks = _blocks(problem, h_pad, q.dtype, t, s)
   t_pad, s_pad = round_up(t, blocks.fwd_q), round_up(s, blocks.fwd_k)
   q, k, v, extras = _prepare(h_pad, t_pad, s_pad, q, k, v, bias, mask)
   kernel = functools.partial(
       _forward_kernel,
-      geo=_geometry(problem, blocks.fwd_q, blocks.fwd_k, mask),
+      geo=_geometry(problem, blocks.fwd_q, blocks.fwd_k, mask, q.dtype),
       groups=n // num_kv_heads,
       has_bias=bias is not None,
       has_mask=mask is not None,
@@ -220,7 +225,7 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
   b, t, n, h = q.shape
   s, num_kv_heads = k.shape[1], k.shape[2]
   h_pad = max(16, tuning.next_power_of_2(h))
-  blocks = _blocks(problem, h_pad, t, s)
+  blocks = _blocks(problem, h_pad, q.dtype, t, s)
   t_pad = round_up(t, max(blocks.dkv_q, blocks.dq_q))
   s_pad = round_up(s, max(blocks.dkv_k, blocks.dq_k))
   q, k, v, extras = _prepare(h_pad, t_pad, s_pad, q, k, v, bias, mask)
@@ -231,7 +236,7 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
 
   dk, dv = pl.pallas_call(
       functools.partial(
-          _dkv_kernel, geo=_geometry(problem, blocks.dkv_q, blocks.dkv_k, mask), **common
+          _dkv_kernel, geo=_geometry(problem, blocks.dkv_q, blocks.dkv_k, mask, q.dtype), **common
       ),
       grid=(s_pad // blocks.dkv_k, b, num_kv_heads),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -243,7 +248,7 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
   )(*inputs)
   dq = pl.pallas_call(
       functools.partial(
-          _dq_kernel, geo=_geometry(problem, blocks.dq_q, blocks.dq_k, mask), **common
+          _dq_kernel, geo=_geometry(problem, blocks.dq_q, blocks.dq_k, mask, q.dtype), **common
       ),
       grid=(t_pad // blocks.dq_q, b, n),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
