@@ -112,8 +112,12 @@ def main(argv=None) -> int:
     for causal in causals:
       for backward in passes:
         for seqlen in opts.seqlens:
-          row = {"head_dim": head_dim, "causal": causal,
-                 "pass": "fwd+bwd" if backward else "fwd", "seqlen": seqlen}
+          row = {
+            "head_dim": head_dim,
+            "causal": causal,
+            "pass": "fwd+bwd" if backward else "fwd",
+            "seqlen": seqlen,
+          }
           for impl in opts.impls:
             row[impl] = measure(impl, seqlen, head_dim, causal, backward)
           results.append(row)
@@ -122,14 +126,20 @@ def main(argv=None) -> int:
   print(table(results, opts.impls))
   if opts.json:
     with open(opts.json, "w") as f:
-      json.dump({"device": device.device_kind, "jax": jax.__version__, "results": results}, f,
-                indent=1)
+      json.dump(
+        {"device": device.device_kind, "jax": jax.__version__, "results": results}, f, indent=1
+      )
   return 0
 
 
 def table(results, impls) -> str:
-  lines = ["| head_dim | causal | pass | seqlen | " + " | ".join(impls) + " | "
-           + " | ".join(f"{i}/cuDNN" for i in impls if i != "cudnn") + " |"]
+  lines = [
+    "| head_dim | causal | pass | seqlen | "
+    + " | ".join(impls)
+    + " | "
+    + " | ".join(f"{i}/cuDNN" for i in impls if i != "cudnn")
+    + " |"
+  ]
   lines.append("|" + "---|" * (4 + len(impls) + len([i for i in impls if i != "cudnn"])))
   for row in results:
     cells = [row[i] for i in impls]
@@ -140,8 +150,10 @@ def table(results, impls) -> str:
         continue
       a, c = row[impl], row.get("cudnn")
       ratios.append(f"{a / c:.2f}" if isinstance(a, float) and isinstance(c, float) else "-")
-    lines.append(f"| {row['head_dim']} | {'yes' if row['causal'] else 'no'} | {row['pass']} | "
-                 f"{row['seqlen']} | " + " | ".join(shown) + " | " + " | ".join(ratios) + " |")
+    lines.append(
+      f"| {row['head_dim']} | {'yes' if row['causal'] else 'no'} | {row['pass']} | "
+      f"{row['seqlen']} | " + " | ".join(shown) + " | " + " | ".join(ratios) + " |"
+    )
   return "\n".join(lines)
 
 

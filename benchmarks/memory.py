@@ -56,13 +56,16 @@ def main() -> int:
     row = {"seqlen": seqlen}
     for impl in opts.impls:
       proc = subprocess.run(
-          [sys.executable, __file__, "--child", impl, str(seqlen)],
-          capture_output=True, text=True, check=False,
+        [sys.executable, __file__, "--child", impl, str(seqlen)],
+        capture_output=True,
+        text=True,
+        check=False,
       )
       lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
       result = json.loads(lines[-1]) if lines else {"error": f"exit {proc.returncode}"}
-      row[impl] = (f"{result['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in result
-                   else result["error"])
+      row[impl] = (
+        f"{result['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in result else result["error"]
+      )
       print(json.dumps({"seqlen": seqlen, "impl": impl, **result}), file=sys.stderr, flush=True)
     rows.append(row)
   print("| seqlen | " + " | ".join(opts.impls) + " |")

@@ -14,8 +14,8 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-
 from bench import flops, inputs, time_fn
+
 from pallas_attention import masks, tiles, tuning
 from pallas_attention.problem import Problem
 from pallas_attention.triton import attention as triton_attention
@@ -40,14 +40,14 @@ def time_backward(blocks, seqlen, head_dim, causal):
   lens = jnp.full((b,), seqlen, jnp.int32)
   problem = _problem(head_dim, causal, blocks)
   out, lse2 = jax.jit(
-      lambda q, k, v: triton_attention.forward(problem, q, k, v, None, None, lens, lens)
+    lambda q, k, v: triton_attention.forward(problem, q, k, v, None, None, lens, lens)
   )(q, k, v)
   delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = tiles.backward_lse(lse2)
   fn = jax.jit(
-      lambda q, k, v, do, lse2, delta: triton_attention.backward(
-          problem, q, k, v, None, None, lens, lens, do, lse2, delta
-      )
+    lambda q, k, v, do, lse2, delta: triton_attention.backward(
+      problem, q, k, v, None, None, lens, lens, do, lse2, delta
+    )
   )
   return time_fn(fn, (q, k, v, do, lse2, delta))
 
@@ -78,27 +78,29 @@ def main():
     fwd = flops(opts.seqlen, head_dim, opts.causal, False)
     print(f"head_dim {head_dim}, seqlen {opts.seqlen}, causal {opts.causal}")
     fwd_candidates = [
-        dataclasses.replace(base, fwd_q=bq, fwd_k=bk, fwd_warps=w, fwd_stages=st)
-        for bq, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
-        if bq * bk * head_dim <= 128 * 128 * 128
+      dataclasses.replace(base, fwd_q=bq, fwd_k=bk, fwd_warps=w, fwd_stages=st)
+      for bq, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
+      if bq * bk * head_dim <= 128 * 128 * 128
     ]
     best_fwd = sweep("fwd", fwd_candidates, time_forward, opts.seqlen, head_dim, opts.causal, fwd)
     dkv_candidates = [
-        dataclasses.replace(base, dkv_q=bq, dkv_k=bk, dkv_warps=w, dkv_stages=st)
-        for bq, bk, w, st in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3))
-        if bq * bk * head_dim <= 64 * 128 * 128
+      dataclasses.replace(base, dkv_q=bq, dkv_k=bk, dkv_warps=w, dkv_stages=st)
+      for bq, bk, w, st in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3))
+      if bq * bk * head_dim <= 64 * 128 * 128
     ]
-    best_dkv = sweep("dkv+dq", dkv_candidates, time_backward, opts.seqlen, head_dim, opts.causal,
-                     2.5 * fwd)
+    best_dkv = sweep(
+      "dkv+dq", dkv_candidates, time_backward, opts.seqlen, head_dim, opts.causal, 2.5 * fwd
+    )
     if best_dkv is None:
       continue
     dq_candidates = [
-        dataclasses.replace(best_dkv, dq_q=bq, dq_k=bk, dq_warps=w, dq_stages=st)
-        for bq, bk, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
-        if bq * bk * head_dim <= 128 * 64 * 128
+      dataclasses.replace(best_dkv, dq_q=bq, dq_k=bk, dq_warps=w, dq_stages=st)
+      for bq, bk, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+      if bq * bk * head_dim <= 128 * 64 * 128
     ]
-    best_bwd = sweep("dkv+dq", dq_candidates, time_backward, opts.seqlen, head_dim, opts.causal,
-                     2.5 * fwd)
+    best_bwd = sweep(
+      "dkv+dq", dq_candidates, time_backward, opts.seqlen, head_dim, opts.causal, 2.5 * fwd
+    )
     print(f"BEST head_dim {head_dim}: fwd {best_fwd}\n  bwd {best_bwd}")
 
 

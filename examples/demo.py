@@ -63,15 +63,15 @@ def main():
   up = lambda x: x.astype(jnp.float32)  # noqa: E731
   ref = fwd_bwd(theirs)(up(q), up(k), up(v), up(do))
   got = fwd_bwd(ours)(q, k, v, do)
-  for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
     print(f"  {name}: relative error vs jax.nn (float32) {rel_err(a, b):.2e}")
 
   if on_gpu:
     print("forward+backward time:")
     candidates = {
-        "pallas_attention": ours,
-        "cuDNN": lambda q, k, v: theirs(q, k, v, "cudnn"),
-        "XLA": theirs,
+      "pallas_attention": ours,
+      "cuDNN": lambda q, k, v: theirs(q, k, v, "cudnn"),
+      "XLA": theirs,
     }
     for name, attn in candidates.items():
       print(f"  {name:17s} {timed(fwd_bwd(attn), q, k, v, do) * 1e3:7.2f} ms")

@@ -18,28 +18,28 @@ _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
 def flash_attention(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    local_window_size: int | tuple[int | None, int | None] | None = None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    logits_soft_cap: float | None = None,
-    alibi_slopes=None,
-    sink_logits=None,
-    block_mask=None,
-    block_mask_size: tuple[int, int] = (128, 128),
-    dropout_rate: float = 0.0,
-    dropout_rng=None,
-    return_residual: bool = False,
-    implementation: str | Sequence[str] | None = None,
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale: float | None = None,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  local_window_size: int | tuple[int | None, int | None] | None = None,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  logits_soft_cap: float | None = None,
+  alibi_slopes=None,
+  sink_logits=None,
+  block_mask=None,
+  block_mask_size: tuple[int, int] = (128, 128),
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+  return_residual: bool = False,
+  implementation: str | Sequence[str] | None = None,
 ):
   r"""Exact softmax attention that never materialises the ``T × S`` score matrix.
 
@@ -82,22 +82,23 @@ def flash_attention(
     NotImplementedError: a valid call that no requested implementation serves.
   """
   names = _implementation_names(implementation)
-  query, key, value = (_as_float_array(x, name) for x, name in
-                       ((query, "query"), (key, "key"), (value, "value")))
+  query, key, value = (
+    _as_float_array(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value"))
+  )
   unbatched = _check_qkv(query, key, value)
   if unbatched:
     query, key, value = query[None], key[None], value[None]
   b, t, n, h = query.shape
-  s, num_kv_heads = key.shape[1], key.shape[2]
+  s = key.shape[1]
   _not_implemented(
-      q_segment_ids=q_segment_ids is not None,
-      kv_segment_ids=kv_segment_ids is not None,
-      logits_soft_cap=logits_soft_cap is not None,
-      alibi_slopes=alibi_slopes is not None,
-      sink_logits=sink_logits is not None,
-      block_mask=block_mask is not None,
-      dropout_rate=dropout_rate != 0.0,
-      dropout_rng=dropout_rng is not None,
+    q_segment_ids=q_segment_ids is not None,
+    kv_segment_ids=kv_segment_ids is not None,
+    logits_soft_cap=logits_soft_cap is not None,
+    alibi_slopes=alibi_slopes is not None,
+    sink_logits=sink_logits is not None,
+    block_mask=block_mask is not None,
+    dropout_rate=dropout_rate != 0.0,
+    dropout_rng=dropout_rng is not None,
   )
   del block_mask_size
   target = (b, n, t, s)
@@ -107,7 +108,7 @@ def flash_attention(
   mask = _broadcastable(mask, "mask", target, unbatched)
   if mask is not None and mask.dtype != jnp.bool_:
     raise TypeError(
-        f"mask: expected bool (True = attend), got {mask.dtype}; pass an additive mask as bias"
+      f"mask: expected bool (True = attend), got {mask.dtype}; pass an additive mask as bias"
     )
   q_len = _lengths(query_seq_lengths, "query_seq_lengths", b, t, unbatched)
   kv_len = _lengths(key_value_seq_lengths, "key_value_seq_lengths", b, s, unbatched)
@@ -163,7 +164,7 @@ def _implementation_names(implementation) -> tuple[str, ...]:
   for name in names:
     if name not in IMPLEMENTATIONS:
       raise ValueError(
-          f"implementation: unknown name {name!r}; choose from {IMPLEMENTATIONS} or None"
+        f"implementation: unknown name {name!r}; choose from {IMPLEMENTATIONS} or None"
       )
   return names
 
@@ -178,9 +179,7 @@ def _default_order() -> tuple[str, ...]:
 def _as_float_array(x, name: str):
   arr = jnp.asarray(x)
   if arr.dtype not in _DTYPES:
-    raise TypeError(
-        f"{name}: expected float16, bfloat16 or float32, got {arr.dtype}"
-    )
+    raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {arr.dtype}")
   return arr
 
 
@@ -191,22 +190,20 @@ def _check_qkv(query, key, value) -> bool:
   for name, x in (("key", key), ("value", value)):
     if x.ndim != query.ndim:
       raise ValueError(
-          f"{name}: expected rank {query.ndim} like query {query.shape}, got shape {x.shape}"
+        f"{name}: expected rank {query.ndim} like query {query.shape}, got shape {x.shape}"
       )
     if x.dtype != query.dtype:
       raise TypeError(f"{name}: dtype {x.dtype} differs from query's {query.dtype}")
   if value.shape != key.shape:
     raise ValueError(f"value: shape {value.shape} differs from key's {key.shape}")
   if key.shape[-1] != query.shape[-1]:
-    raise ValueError(
-        f"key: head dim {key.shape[-1]} differs from query's {query.shape[-1]}"
-    )
+    raise ValueError(f"key: head dim {key.shape[-1]} differs from query's {query.shape[-1]}")
   if query.ndim == 4 and key.shape[0] != query.shape[0]:
     raise ValueError(f"key: batch {key.shape[0]} differs from query's {query.shape[0]}")
   n, num_kv_heads = query.shape[-2], key.shape[-2]
   if num_kv_heads == 0 or n % num_kv_heads:
     raise ValueError(
-        f"key: query heads ({n}) must be a multiple of key/value heads ({num_kv_heads})"
+      f"key: query heads ({n}) must be a multiple of key/value heads ({num_kv_heads})"
     )
   if query.shape[-1] == 0 or query.shape[-3] == 0 or key.shape[-3] == 0:
     raise ValueError(f"query/key: empty sequence or head dim: {query.shape}, {key.shape}")
@@ -222,7 +219,7 @@ def _broadcastable(x, name: str, target: tuple[int, int, int, int], unbatched: b
   if x.ndim > 4 or (unbatched and x.ndim == 4 and x.shape[0] != 1):
     raise ValueError(f"{name}: shape {x.shape} is not broadcastable to {shown}")
   x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-  for size, full in zip(x.shape, target):
+  for size, full in zip(x.shape, target, strict=True):
     if size not in (1, full):
       shape = target[1:] if unbatched else target
       raise ValueError(f"{name}: shape {x.shape} is not broadcastable to {shown} = {shape}")
@@ -250,7 +247,7 @@ def _window(window) -> tuple[int | None, int | None]:
     left, right = sides
   except (TypeError, ValueError):
     raise TypeError(
-        f"local_window_size: expected an int or (left, right), got {window!r}"
+      f"local_window_size: expected an int or (left, right), got {window!r}"
     ) from None
   for side in (left, right):
     if side is not None and (not isinstance(side, (int, np.integer)) or isinstance(side, bool)):
@@ -275,5 +272,5 @@ def _not_implemented(**given: bool) -> None:
   used = [name for name, is_set in given.items() if is_set]
   if used:
     raise NotImplementedError(
-        f"{', '.join(used)}: not implemented yet in pallas_attention; leave at the default"
+      f"{', '.join(used)}: not implemented yet in pallas_attention; leave at the default"
     )

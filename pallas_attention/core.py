@@ -30,14 +30,14 @@ def implementation_module(name: str):
 def attention(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   """``(out [B, T, N, H], lse [B, N, T])``, lse natural-log, -inf for empty rows."""
   out, lse2 = implementation_module(problem.implementation).forward(
-      problem, q, k, v, bias, mask, q_len, kv_len
+    problem, q, k, v, bias, mask, q_len, kv_len
   )
   return out, lse2 * tiles.LN2
 
 
 def _attention_fwd(problem, q, k, v, bias, mask, q_len, kv_len):
   out, lse2 = implementation_module(problem.implementation).forward(
-      problem, q, k, v, bias, mask, q_len, kv_len
+    problem, q, k, v, bias, mask, q_len, kv_len
   )
   residuals = (q, k, v, bias, mask, q_len, kv_len, out, lse2)
   return (out, lse2 * tiles.LN2), residuals

@@ -9,7 +9,8 @@ mask, the ones on an edge with it (masks.kv_block_range, masks.q_block_range).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ class QTile:
 
 jax.tree_util.register_dataclass(KVTile, data_fields=["k", "v", "bias", "keep"], meta_fields=[])
 jax.tree_util.register_dataclass(
-    QTile, data_fields=["q", "do", "lse2", "delta", "bias", "keep"], meta_fields=[]
+  QTile, data_fields=["q", "do", "lse2", "delta", "bias", "keep"], meta_fields=[]
 )
 
 
@@ -76,12 +77,12 @@ def tile_scores(geo: Geometry, q, k, bias, keep, rows, cols, masked: bool, q_len
 
 
 def forward_rows(
-    geo: Geometry,
-    q,
-    q_start,
-    load_kv: Callable[[Any], KVTile],
-    q_len,
-    kv_len,
+  geo: Geometry,
+  q,
+  q_start,
+  load_kv: Callable[[Any], KVTile],
+  q_len,
+  kv_len,
 ):
   """Output ``[bq, H]`` (f32) and base-2 LSE ``[bq]`` of one query block."""
   rows = q_start + jnp.arange(geo.block_q, dtype=jnp.int32)
@@ -103,15 +104,15 @@ def forward_rows(
 
 
 def dq_rows(
-    geo: Geometry,
-    q,
-    do,
-    lse2,
-    delta,
-    q_start,
-    load_kv: Callable[[Any], KVTile],
-    q_len,
-    kv_len,
+  geo: Geometry,
+  q,
+  do,
+  lse2,
+  delta,
+  q_start,
+  load_kv: Callable[[Any], KVTile],
+  q_len,
+  kv_len,
 ):
   """``dq [bq, H]`` (f32, scale applied) of one query block."""
   rows = q_start + jnp.arange(geo.block_q, dtype=jnp.int32)
@@ -134,14 +135,14 @@ def dq_rows(
 
 
 def dkv_cols(
-    geo: Geometry,
-    k,
-    v,
-    k_start,
-    num_groups: int,
-    load_q: Callable[[Any, Any], QTile],
-    q_len,
-    kv_len,
+  geo: Geometry,
+  k,
+  v,
+  k_start,
+  num_groups: int,
+  load_q: Callable[[Any, Any], QTile],
+  q_len,
+  kv_len,
 ):
   """``dk, dv [bk, H]`` (f32, scale applied to dk) of one key block.
 

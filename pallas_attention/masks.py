@@ -110,12 +110,12 @@ def kv_block_range(q_start, block_q: int, block_k: int, spec: MaskSpec, q_len, k
   needed there).
   """
   return _block_ranges(
-      q_start,
-      block_q,
-      block_k,
-      lambda row: col_bounds(row, spec, kv_len),
-      q_len,
-      kv_len,
+    q_start,
+    block_q,
+    block_k,
+    lambda row: col_bounds(row, spec, kv_len),
+    q_len,
+    kv_len,
   )
 
 
@@ -126,10 +126,10 @@ def q_block_range(k_start, block_k: int, block_q: int, spec: MaskSpec, q_len, kv
   meaning, in units of ``block_q``.
   """
   return _block_ranges(
-      k_start,
-      block_k,
-      block_q,
-      lambda col: row_bounds(col, spec, q_len),
-      kv_len,
-      q_len,
+    k_start,
+    block_k,
+    block_q,
+    lambda col: row_bounds(col, spec, q_len),
+    kv_len,
+    q_len,
   )

@@ -16,17 +16,17 @@ from pallas_attention import masks
 
 
 def attention(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    local_window_size=None,
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale: float | None = None,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  local_window_size=None,
 ):
   """``(out [B, T, N, H], lse [B, N, T])`` in the inputs' dtype; batched inputs only.
 
@@ -43,7 +43,9 @@ def attention(
   left, right = local_window_size or (None, None)
   spec = masks.MaskSpec(is_causal, left, right)
   q_len = jnp.full((b,), t) if query_seq_lengths is None else jnp.asarray(query_seq_lengths)
-  kv_len = jnp.full((b,), s) if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths)
+  kv_len = jnp.asarray(
+    jnp.full((b,), s) if key_value_seq_lengths is None else key_value_seq_lengths
+  )
 
   logits = scale * jnp.einsum("btnh,bsnh->bnts", query, key)
   if bias is not None:

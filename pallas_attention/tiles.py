@@ -11,7 +11,7 @@ For one head, with ``s = scale * q kᵀ + bias`` masked to ``-inf``::
     backward:  dv = pᵀ do,  dp = do vᵀ,  ds = p ⊙ (dp − δ),  δ = rowsum(do ⊙ o) − dlse
                dq = scale · ds k,  dk = scale · dsᵀ q,  dbias = ds
 
-A row with nothing to attend to keeps ``l = 0``: its output is zero and its
+A row with nothing to attend to keeps a zero denominator: its output is zero and its
 log-sum-exp ``-inf``; the backward turns that ``-inf`` into ``+inf`` so that its
 probabilities come out as exactly zero rather than NaN.
 """
@@ -58,10 +58,10 @@ def scores(q, k, scale: float, bias=None, keep=None, precision=EXACT):
   return s
 
 
-def softmax_step(s, v, m, l, acc, precision=EXACT):
+def softmax_step(s, v, m, denom, acc, precision=EXACT):
   """One online-softmax update with score tile ``s`` and value tile ``v``.
 
-  ``m`` is the running row maximum, ``l`` the running denominator (both
+  ``m`` is the running row maximum, ``denom`` the running denominator (both
   ``[bq]``), ``acc`` the unnormalised output ``[bq, H]`` in float32.
   """
   m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -70,23 +70,24 @@ def softmax_step(s, v, m, l, acc, precision=EXACT):
   m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
   alpha = jnp.exp2(m - m_shift)
   p = jnp.exp2(s - m_shift[:, None])
-  l = l * alpha + jnp.sum(p, axis=1)
+  denom = denom * alpha + jnp.sum(p, axis=1)
   acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
-  return m_new, l, acc
+  return m_new, denom, acc
 
 
 def softmax_init(block_q: int, head_dim: int):
   m = jnp.full((block_q,), -jnp.inf, jnp.float32)
-  l = jnp.zeros((block_q,), jnp.float32)
+  denom = jnp.zeros((block_q,), jnp.float32)
   acc = jnp.zeros((block_q, head_dim), jnp.float32)
-  return m, l, acc
+  return m, denom, acc
 
 
-def softmax_finish(m, l, acc):
+def softmax_finish(m, denom, acc):
   """Normalised output ``[bq, H]`` (float32) and base-2 log-sum-exp ``[bq]``."""
-  empty = l == 0.0
-  out = acc / jnp.where(empty, 1.0, l)[:, None]
-  lse2 = jnp.where(empty, -jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
+  empty = denom == 0.0
+  safe = jnp.where(empty, 1.0, denom)
+  out = acc / safe[:, None]
+  lse2 = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
   return out, lse2
 
 

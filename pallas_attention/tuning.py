@@ -28,17 +28,17 @@ class TritonBlocks:
   dq_warps: int
   dq_stages: int
 
-  def clipped(self, t: int, s: int) -> "TritonBlocks":
+  def clipped(self, t: int, s: int) -> TritonBlocks:
     """Shrink tiles that exceed the (power-of-two padded) sequence lengths."""
     tq, tk = max(16, next_power_of_2(t)), max(16, next_power_of_2(s))
     return dataclasses.replace(
-        self,
-        fwd_q=min(self.fwd_q, tq),
-        fwd_k=min(self.fwd_k, tk),
-        dkv_q=min(self.dkv_q, tq),
-        dkv_k=min(self.dkv_k, tk),
-        dq_q=min(self.dq_q, tq),
-        dq_k=min(self.dq_k, tk),
+      self,
+      fwd_q=min(self.fwd_q, tq),
+      fwd_k=min(self.fwd_k, tk),
+      dkv_q=min(self.dkv_q, tq),
+      dkv_k=min(self.dkv_k, tk),
+      dq_q=min(self.dq_q, tq),
+      dq_k=min(self.dq_k, tk),
     )
 
 
@@ -49,11 +49,11 @@ def next_power_of_2(x: int) -> int:
 # head_dim (after padding to a power of two) -> blocks. Measured on an H100,
 # bf16; see benchmarks/RESULTS.md.
 _TRITON = {
-    16: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
-    32: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
-    64: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
-    128: TritonBlocks(128, 64, 4, 2, 64, 64, 4, 2, 128, 64, 8, 3),
-    256: TritonBlocks(64, 32, 4, 2, 32, 64, 8, 1, 64, 32, 8, 1),
+  16: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
+  32: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
+  64: TritonBlocks(128, 128, 4, 3, 128, 128, 8, 3, 64, 64, 4, 3),
+  128: TritonBlocks(128, 64, 4, 2, 64, 64, 4, 2, 128, 64, 8, 3),
+  256: TritonBlocks(64, 32, 4, 2, 32, 64, 8, 1, 64, 32, 8, 1),
 }
 
 

@@ -8,6 +8,8 @@ O(B·N·block_q·block_k) for scores, never O(T·S).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -80,15 +82,86 @@ def _geometry(problem: Problem, block_q: int, block_k: int, mask) -> loops.Geome
   return loops.Geometry(block_q, block_k, problem.scale, problem.spec, mask is not None)
 
 
-def _q_heads_first(x, num_kv_heads):
-  """``[B, T, N, H] -> [B, K, G, T, H]``."""
-  b, t, n, h = x.shape
-  return x.reshape(b, t, num_kv_heads, n // num_kv_heads, h).transpose(0, 2, 3, 1, 4)
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Sizes of one call, and the moves between the user's layout and head-first.
+
+  Head-first: queries ``[B, K, G, T_pad, H]``, keys and values ``[B, K, S_pad, H]``,
+  per-row vectors ``[B, K, G, T_pad]``; sequences zero-padded to whole blocks.
+  """
+
+  batch: int
+  t: int
+  s: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  block_q: int
+  block_k: int
+
+  @classmethod
+  def of(cls, q, k, block_q: int, block_k: int) -> _Layout:
+    b, t, n, h = q.shape
+    return cls(b, t, k.shape[1], n, k.shape[2], h, block_q, block_k)
+
+  @property
+  def groups(self) -> int:
+    return self.heads // self.kv_heads
+
+  @property
+  def t_pad(self) -> int:
+    return round_up(self.t, self.block_q)
+
+  @property
+  def s_pad(self) -> int:
+    return round_up(self.s, self.block_k)
+
+  def queries(self, x):
+    """``[B, T, N, H] -> [B, K, G, T_pad, H]``."""
+    x = pad_axis(x, 1, self.t_pad)
+    x = x.reshape(self.batch, self.t_pad, self.kv_heads, self.groups, self.head_dim)
+    return x.transpose(0, 2, 3, 1, 4)
+
+  def keys(self, x):
+    """``[B, S, K, H] -> [B, K, S_pad, H]``."""
+    return pad_axis(x, 1, self.s_pad).transpose(0, 2, 1, 3)
+
+  def rows(self, x):
+    """``[B, N, T] -> [B, K, G, T_pad]``."""
+    return pad_axis(x, 2, self.t_pad).reshape(self.batch, self.kv_heads, self.groups, self.t_pad)
+
+  def extras(self, bias, mask) -> list[_Extra]:
+    return [
+      _Extra(pad_extra(x, self.t_pad, self.s_pad), self.kv_heads, self.groups) for x in (bias, mask)
+    ]
+
+  def queries_back(self, x):
+    """``[B, K, G, T_pad, H] -> [B, T, N, H]``."""
+    x = x.transpose(0, 3, 1, 2, 4).reshape(self.batch, self.t_pad, self.heads, self.head_dim)
+    return x[:, : self.t]
+
+  def keys_back(self, x):
+    """``[B, K, S_pad, H] -> [B, S, K, H]``."""
+    return x.transpose(0, 2, 1, 3)[:, : self.s]
 
 
-def _kv_heads_first(x):
-  """``[B, S, K, H] -> [B, K, S, H]``."""
-  return x.transpose(0, 2, 1, 3)
+def _slice(x, start, size: int):
+  return lax.dynamic_slice_in_dim(x, start, size, 0)
+
+
+def _kv_loader(layout: _Layout, k1, v1, bias1, mask1, q_start):
+  """``load(j)`` for query block ``q_start`` of one head: key block ``j`` and its extras."""
+
+  def load(j):
+    k_start = j * layout.block_k
+    return loops.KVTile(
+      _slice(k1, k_start, layout.block_k),
+      _slice(v1, k_start, layout.block_k),
+      _tile(bias1, layout.block_q, layout.block_k, q_start, k_start),
+      _tile(mask1, layout.block_q, layout.block_k, q_start, k_start),
+    )
+
+  return load
 
 
 def _vmap_bkg(fn, mapped_in_axes, extras, levels=3):
@@ -102,44 +175,33 @@ def _vmap_bkg(fn, mapped_in_axes, extras, levels=3):
   return fn
 
 
+def _block_ids(length: int, block: int):
+  return jnp.arange(length // block, dtype=jnp.int32)
+
+
 def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   """``out [B, T, N, H]`` (q's dtype) and base-2 LSE ``[B, N, T]`` (f32)."""
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  groups = n // kh
-  block_q, block_k = _blocks(t, s)
-  t_pad, s_pad = round_up(t, block_q), round_up(s, block_k)
-  geo = _geometry(problem, block_q, block_k, mask)
-  qh = _q_heads_first(pad_axis(q, 1, t_pad), kh)
-  kh_, vh = (_kv_heads_first(pad_axis(x, 1, s_pad)) for x in (k, v))
-  extras = [_Extra(pad_extra(x, t_pad, s_pad), kh, groups) for x in (bias, mask)]
+  layout = _Layout.of(q, k, *_blocks(q.shape[1], k.shape[1]))
+  block_q = layout.block_q
+  geo = _geometry(problem, block_q, layout.block_k, mask)
+  extras = layout.extras(bias, mask)
 
   def one_head(q1, k1, v1, ql, kl, bias1, mask1):
-    def load_kv(q_start):
-      def load(j):
-        start = j * block_k
-        return loops.KVTile(
-            lax.dynamic_slice_in_dim(k1, start, block_k, 0),
-            lax.dynamic_slice_in_dim(v1, start, block_k, 0),
-            _tile(bias1, block_q, block_k, q_start, start),
-            _tile(mask1, block_q, block_k, q_start, start),
-        )
-
-      return load
-
     def q_block(i):
       q_start = i * block_q
-      q_tile = lax.dynamic_slice_in_dim(q1, q_start, block_q, 0)
-      out, lse2 = loops.forward_rows(geo, q_tile, q_start, load_kv(q_start), ql, kl)
+      load = _kv_loader(layout, k1, v1, bias1, mask1, q_start)
+      out, lse2 = loops.forward_rows(geo, _slice(q1, q_start, block_q), q_start, load, ql, kl)
       return out.astype(q1.dtype), lse2
 
-    out, lse2 = lax.map(q_block, jnp.arange(t_pad // block_q, dtype=jnp.int32))
-    return out.reshape(t_pad, h), lse2.reshape(t_pad)
+    out, lse2 = lax.map(q_block, _block_ids(layout.t_pad, block_q))
+    return out.reshape(layout.t_pad, layout.head_dim), lse2.reshape(layout.t_pad)
 
   axes = [(0, 0, 0, 0, 0), (0, 0, 0, None, None), (0, None, None, None, None)]
-  out, lse2 = _vmap_bkg(one_head, axes, extras)(qh, kh_, vh, q_len, kv_len, *(e.array for e in extras))
-  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, n, h)[:, :t]
-  return out, lse2.reshape(b, n, t_pad)[:, :, :t]
+  out, lse2 = _vmap_bkg(one_head, axes, extras)(
+    layout.queries(q), layout.keys(k), layout.keys(v), q_len, kv_len, *(e.array for e in extras)
+  )
+  lse2 = lse2.reshape(layout.batch, layout.heads, layout.t_pad)[:, :, : layout.t]
+  return layout.queries_back(out), lse2
 
 
 def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, delta):
@@ -148,76 +210,66 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
   ``lse2`` is tiles.backward_lse of the forward's LSE and ``delta`` is
   ``rowsum(do ⊙ o) − dlse``, both ``[B, N, T]`` f32.
   """
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  groups = n // kh
-  block_q, block_k = _blocks(t, s)
-  t_pad, s_pad = round_up(t, block_q), round_up(s, block_k)
+  layout = _Layout.of(q, k, *_blocks(q.shape[1], k.shape[1]))
+  block_q, block_k = layout.block_q, layout.block_k
   geo = _geometry(problem, block_q, block_k, mask)
-  qh, doh = (_q_heads_first(pad_axis(x, 1, t_pad), kh) for x in (q, do))
-  kh_, vh = (_kv_heads_first(pad_axis(x, 1, s_pad)) for x in (k, v))
-  lse2 = pad_axis(lse2, 2, t_pad).reshape(b, kh, groups, t_pad)
-  delta = pad_axis(delta, 2, t_pad).reshape(b, kh, groups, t_pad)
-  extras = [_Extra(pad_extra(x, t_pad, s_pad), kh, groups) for x in (bias, mask)]
+  extras = layout.extras(bias, mask)
+  q_heads, do_heads = layout.queries(q), layout.queries(do)
+  k_heads, v_heads = layout.keys(k), layout.keys(v)
+  lse2, delta = layout.rows(lse2), layout.rows(delta)
 
   def dq_head(q1, do1, lse1, delta1, k1, v1, ql, kl, bias1, mask1):
     def q_block(i):
       q_start = i * block_q
-
-      def load(j):
-        start = j * block_k
-        return loops.KVTile(
-            lax.dynamic_slice_in_dim(k1, start, block_k, 0),
-            lax.dynamic_slice_in_dim(v1, start, block_k, 0),
-            _tile(bias1, block_q, block_k, q_start, start),
-            _tile(mask1, block_q, block_k, q_start, start),
-        )
-
-      rows = lambda x: lax.dynamic_slice_in_dim(x, q_start, block_q, 0)  # noqa: E731
+      load = _kv_loader(layout, k1, v1, bias1, mask1, q_start)
+      rows = lambda x: _slice(x, q_start, block_q)
       return loops.dq_rows(
-          geo, rows(q1), rows(do1), rows(lse1), rows(delta1), q_start, load, ql, kl
+        geo, rows(q1), rows(do1), rows(lse1), rows(delta1), q_start, load, ql, kl
       )
 
-    dq = lax.map(q_block, jnp.arange(t_pad // block_q, dtype=jnp.int32))
-    return dq.reshape(t_pad, h)
+    dq = lax.map(q_block, _block_ids(layout.t_pad, block_q))
+    return dq.reshape(layout.t_pad, layout.head_dim)
 
   axes = [(0,) * 8, (0, 0, 0, 0, 0, 0, None, None), (0, 0, 0, 0, None, None, None, None)]
   dq = _vmap_bkg(dq_head, axes, extras)(
-      qh, doh, lse2, delta, kh_, vh, q_len, kv_len, *(e.array for e in extras)
+    q_heads, do_heads, lse2, delta, k_heads, v_heads, q_len, kv_len, *(e.array for e in extras)
   )
-  dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, n, h)[:, :t].astype(q.dtype)
 
   def dkv_head(k1, v1, q1, do1, lse1, delta1, ql, kl, bias1, mask1):
     # q1, do1: [G, T, H]; lse1, delta1: [G, T]; bias1, mask1: [G?, Tb, Sb].
+    def per_group(x, extra, g):
+      return x[g] if x is not None and extra.present[2] else x
+
     def k_block(j):
       k_start = j * block_k
 
       def load(g, i):
         q_start = i * block_q
-        rows = lambda x: lax.dynamic_slice_in_dim(x[g], q_start, block_q, 0)  # noqa: E731
-        per_group = lambda x, e: None if x is None else (x[g] if e.present[2] else x)  # noqa: E731
+        rows = lambda x: _slice(x[g], q_start, block_q)
         return loops.QTile(
-            rows(q1),
-            rows(do1),
-            rows(lse1),
-            rows(delta1),
-            _tile(per_group(bias1, extras[0]), block_q, block_k, q_start, k_start),
-            _tile(per_group(mask1, extras[1]), block_q, block_k, q_start, k_start),
+          rows(q1),
+          rows(do1),
+          rows(lse1),
+          rows(delta1),
+          _tile(per_group(bias1, extras[0], g), block_q, block_k, q_start, k_start),
+          _tile(per_group(mask1, extras[1], g), block_q, block_k, q_start, k_start),
         )
 
-      cols = lambda x: lax.dynamic_slice_in_dim(x, k_start, block_k, 0)  # noqa: E731
-      return loops.dkv_cols(geo, cols(k1), cols(v1), k_start, groups, load, ql, kl)
+      k_tile, v_tile = _slice(k1, k_start, block_k), _slice(v1, k_start, block_k)
+      return loops.dkv_cols(geo, k_tile, v_tile, k_start, layout.groups, load, ql, kl)
 
-    dk, dv = lax.map(k_block, jnp.arange(s_pad // block_k, dtype=jnp.int32))
-    return dk.reshape(s_pad, h), dv.reshape(s_pad, h)
+    dk, dv = lax.map(k_block, _block_ids(layout.s_pad, block_k))
+    return dk.reshape(layout.s_pad, layout.head_dim), dv.reshape(layout.s_pad, layout.head_dim)
 
   axes = [(0,) * 8, (0, 0, 0, 0, 0, 0, None, None)]
   dk, dv = _vmap_bkg(dkv_head, axes, extras, levels=2)(
-      kh_, vh, qh, doh, lse2, delta, q_len, kv_len, *(e.array for e in extras)
+    k_heads, v_heads, q_heads, do_heads, lse2, delta, q_len, kv_len, *(e.array for e in extras)
   )
-  dk = dk.transpose(0, 2, 1, 3)[:, :s].astype(k.dtype)
-  dv = dv.transpose(0, 2, 1, 3)[:, :s].astype(v.dtype)
-  return dq, dk, dv
+  return (
+    layout.queries_back(dq).astype(q.dtype),
+    layout.keys_back(dk).astype(k.dtype),
+    layout.keys_back(dv).astype(v.dtype),
+  )
 
 
 def bias_grad(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, delta):
@@ -228,38 +280,43 @@ def bias_grad(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, de
   result itself. Every implementation uses this; under jit XLA drops it when
   nobody asks for the bias's gradient.
   """
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  groups = n // kh
-  block_q, _ = _blocks(t, s)
-  t_pad = round_up(t, block_q)
+  s = k.shape[1]
+  layout = _Layout.of(q, k, _blocks(q.shape[1], s)[0], s)  # one key block: all of S
+  block_q = layout.block_q
   geo = _geometry(problem, block_q, s, mask)
-  qh, doh = (_q_heads_first(pad_axis(x, 1, t_pad), kh) for x in (q, do))
-  kh_, vh = _kv_heads_first(k), _kv_heads_first(v)
-  lse2 = pad_axis(lse2, 2, t_pad).reshape(b, kh, groups, t_pad)
-  delta = pad_axis(delta, 2, t_pad).reshape(b, kh, groups, t_pad)
-  extras = [_Extra(pad_extra(x, t_pad, s), kh, groups) for x in (bias, mask)]
+  extras = layout.extras(bias, mask)
   cols = jnp.arange(s, dtype=jnp.int32)
 
   def ds_rows(q_start, q1, do1, lse1, delta1, k1, v1, ql, kl, bias1, mask1):
-    rows = lambda x: lax.dynamic_slice_in_dim(x, q_start, block_q, 0)  # noqa: E731
+    rows = lambda x: _slice(x, q_start, block_q)
     row_ids = q_start + jnp.arange(block_q, dtype=jnp.int32)
-    tile = loops.KVTile(k1, v1, _tile(bias1, block_q, s, q_start, 0), _tile(mask1, block_q, s, q_start, 0))
+    tile = _kv_loader(layout, k1, v1, bias1, mask1, q_start)(0)
     scores = loops.tile_scores(geo, rows(q1), k1, tile.bias, tile.keep, row_ids, cols, True, ql, kl)
     _, ds = tiles.score_grad(scores, v1, rows(do1), rows(lse1), rows(delta1))
     return ds
 
   axes = [(None,) + (0,) * 8, (None,) + (0,) * 6 + (None, None), (None,) + (0,) * 4 + (None,) * 4]
   ds_all = _vmap_bkg(ds_rows, axes, extras)
+  arrays = (
+    layout.queries(q),
+    layout.queries(do),
+    layout.rows(lse2),
+    layout.rows(delta),
+    layout.keys(k),
+    layout.keys(v),
+    q_len,
+    kv_len,
+    *(e.array for e in extras),
+  )
   bb, nb, tb, sb = bias.shape
+  broadcast_axes = tuple(axis for axis, size in enumerate((bb, nb, tb, sb)) if size == 1)
 
   def q_block(i):
-    ds = ds_all(i * block_q, qh, doh, lse2, delta, kh_, vh, q_len, kv_len, *(e.array for e in extras))
-    ds = ds.reshape(b, n, block_q, s)  # [B, K, G, bq, S] -> [B, N, bq, S]
-    axes = tuple(axis for axis, size in enumerate((bb, nb, tb, sb)) if size == 1)
-    return jnp.sum(ds, axis=axes, keepdims=True)
+    ds = ds_all(i * block_q, *arrays)  # [B, K, G, bq, S]
+    ds = ds.reshape(layout.batch, layout.heads, block_q, s)
+    return jnp.sum(ds, axis=broadcast_axes, keepdims=True)
 
-  blocks = lax.map(q_block, jnp.arange(t_pad // block_q, dtype=jnp.int32))
+  blocks = lax.map(q_block, _block_ids(layout.t_pad, block_q))
   if tb == 1:
     return jnp.sum(blocks, axis=0)
-  return blocks.transpose(1, 2, 0, 3, 4).reshape(bb, nb, t_pad, sb)[:, :, :t]
+  return blocks.transpose(1, 2, 0, 3, 4).reshape(bb, nb, layout.t_pad, sb)[:, :, : layout.t]

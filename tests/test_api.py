@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import IMPLEMENTATIONS, normal, rel_err
+
 from pallas_attention import core, flash_attention
 
 
@@ -17,43 +17,79 @@ def qkv(rng):
 
 
 BAD_CALLS = [
-    # (description, how to change the call, exception, text the message must contain)
-    ("query rank 2", lambda q, k, v: ((q[0, :, 0], k, v), {}), ValueError, "query"),
-    ("key rank differs", lambda q, k, v: ((q, k[0], v), {}), ValueError, "key"),
-    ("value shape differs", lambda q, k, v: ((q, k, v[:, :10]), {}), ValueError, "value"),
-    ("head dim differs", lambda q, k, v: ((q, k[..., :16], v[..., :16]), {}), ValueError, "head dim"),
-    ("batch differs", lambda q, k, v: ((q, k[:1], v[:1]), {}), ValueError, "batch"),
-    ("N % K", lambda q, k, v: ((q[:, :, :3], k, v), {}), ValueError, "multiple"),
-    ("integer query", lambda q, k, v: ((q.astype(jnp.int32), k, v), {}), TypeError, "query"),
-    ("float64-free dtype mix", lambda q, k, v: ((q, k.astype(jnp.bfloat16), v), {}), TypeError,
-     "key"),
-    ("mask not bool", lambda q, k, v: ((q, k, v, None, jnp.ones((40, 50))), {}), TypeError, "mask"),
-    ("mask shape", lambda q, k, v: ((q, k, v, None, jnp.ones((2, 4, 41, 50), bool)), {}),
-     ValueError, "mask"),
-    ("bias shape", lambda q, k, v: ((q, k, v, jnp.ones((3, 1, 1, 50))), {}), ValueError, "bias"),
-    ("bias rank 5", lambda q, k, v: ((q, k, v, jnp.ones((1, 2, 4, 40, 50))), {}), ValueError,
-     "bias"),
-    ("bias integer", lambda q, k, v: ((q, k, v, jnp.ones((40, 50), jnp.int32)), {}), TypeError,
-     "bias"),
-    ("lengths shape", lambda q, k, v: ((q, k, v), dict(query_seq_lengths=jnp.array([3]))),
-     ValueError, "query_seq_lengths"),
-    ("lengths dtype", lambda q, k, v: ((q, k, v), dict(key_value_seq_lengths=jnp.ones(2))),
-     TypeError, "key_value_seq_lengths"),
-    ("window negative", lambda q, k, v: ((q, k, v), dict(local_window_size=(-1, 3))), ValueError,
-     "local_window_size"),
-    ("window type", lambda q, k, v: ((q, k, v), dict(local_window_size=(1, 2, 3))), TypeError,
-     "local_window_size"),
-    ("window float", lambda q, k, v: ((q, k, v), dict(local_window_size=2.5)), TypeError,
-     "local_window_size"),
-    ("unknown implementation", lambda q, k, v: ((q, k, v), dict(implementation="cuda")),
-     ValueError, "implementation"),
-    ("empty implementation list", lambda q, k, v: ((q, k, v), dict(implementation=[])),
-     ValueError, "implementation"),
-    ("scale not a number", lambda q, k, v: ((q, k, v), dict(scale="big")), TypeError, "scale"),
+  # (description, how to change the call, exception, text the message must contain)
+  ("query rank 2", lambda q, k, v: ((q[0, :, 0], k, v), {}), ValueError, "query"),
+  ("key rank differs", lambda q, k, v: ((q, k[0], v), {}), ValueError, "key"),
+  ("value shape differs", lambda q, k, v: ((q, k, v[:, :10]), {}), ValueError, "value"),
+  ("head dim differs", lambda q, k, v: ((q, k[..., :16], v[..., :16]), {}), ValueError, "head dim"),
+  ("batch differs", lambda q, k, v: ((q, k[:1], v[:1]), {}), ValueError, "batch"),
+  ("N % K", lambda q, k, v: ((q[:, :, :3], k, v), {}), ValueError, "multiple"),
+  ("integer query", lambda q, k, v: ((q.astype(jnp.int32), k, v), {}), TypeError, "query"),
+  ("dtype mix", lambda q, k, v: ((q, k.astype(jnp.bfloat16), v), {}), TypeError, "key"),
+  ("mask not bool", lambda q, k, v: ((q, k, v, None, jnp.ones((40, 50))), {}), TypeError, "mask"),
+  (
+    "mask shape",
+    lambda q, k, v: ((q, k, v, None, jnp.ones((2, 4, 41, 50), bool)), {}),
+    ValueError,
+    "mask",
+  ),
+  ("bias shape", lambda q, k, v: ((q, k, v, jnp.ones((3, 1, 1, 50))), {}), ValueError, "bias"),
+  ("bias rank 5", lambda q, k, v: ((q, k, v, jnp.ones((1, 2, 4, 40, 50))), {}), ValueError, "bias"),
+  (
+    "bias integer",
+    lambda q, k, v: ((q, k, v, jnp.ones((40, 50), jnp.int32)), {}),
+    TypeError,
+    "bias",
+  ),
+  (
+    "lengths shape",
+    lambda q, k, v: ((q, k, v), dict(query_seq_lengths=jnp.array([3]))),
+    ValueError,
+    "query_seq_lengths",
+  ),
+  (
+    "lengths dtype",
+    lambda q, k, v: ((q, k, v), dict(key_value_seq_lengths=jnp.ones(2))),
+    TypeError,
+    "key_value_seq_lengths",
+  ),
+  (
+    "window negative",
+    lambda q, k, v: ((q, k, v), dict(local_window_size=(-1, 3))),
+    ValueError,
+    "local_window_size",
+  ),
+  (
+    "window type",
+    lambda q, k, v: ((q, k, v), dict(local_window_size=(1, 2, 3))),
+    TypeError,
+    "local_window_size",
+  ),
+  (
+    "window float",
+    lambda q, k, v: ((q, k, v), dict(local_window_size=2.5)),
+    TypeError,
+    "local_window_size",
+  ),
+  (
+    "unknown implementation",
+    lambda q, k, v: ((q, k, v), dict(implementation="cuda")),
+    ValueError,
+    "implementation",
+  ),
+  (
+    "empty implementation list",
+    lambda q, k, v: ((q, k, v), dict(implementation=[])),
+    ValueError,
+    "implementation",
+  ),
+  ("scale not a number", lambda q, k, v: ((q, k, v), dict(scale="big")), TypeError, "scale"),
 ]
 
 
-@pytest.mark.parametrize("change,error,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize(
+  "change,error,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS]
+)
 def test_bad_input(qkv, change, error, text):
   args, kwargs = change(*qkv)
   before = core.attention_jit._cache_size()
@@ -69,16 +105,16 @@ def test_traced_scale_rejected(qkv):
 
 
 @pytest.mark.parametrize(
-    "option",
-    [
-        dict(q_segment_ids=jnp.zeros((2, 40), jnp.int32)),
-        dict(logits_soft_cap=30.0),
-        dict(alibi_slopes=jnp.ones(4)),
-        dict(sink_logits=jnp.zeros(4)),
-        dict(block_mask=jnp.ones((1, 1, 1, 1), bool)),
-        dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
-    ],
-    ids=lambda o: next(iter(o)),
+  "option",
+  [
+    dict(q_segment_ids=jnp.zeros((2, 40), jnp.int32)),
+    dict(logits_soft_cap=30.0),
+    dict(alibi_slopes=jnp.ones(4)),
+    dict(sink_logits=jnp.zeros(4)),
+    dict(block_mask=jnp.ones((1, 1, 1, 1), bool)),
+    dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+  ],
+  ids=lambda o: next(iter(o)),
 )
 def test_variants_not_implemented_yet(qkv, option):
   with pytest.raises(NotImplementedError, match=next(iter(option))):
@@ -114,10 +150,18 @@ def test_default_on_cpu_is_xla(qkv):
 def test_unbatched(qkv, implementation):
   q, k, v = qkv
   bias = jnp.ones((4, 40, 50)) * 0.1
-  out, lse = flash_attention(q[0], k[0], v[0], bias, is_causal=True, return_residual=True,
-                             implementation=implementation)
-  ref, ref_lse = flash_attention(q[:1], k[:1], v[:1], bias[None], is_causal=True,
-                                 return_residual=True, implementation=implementation)
+  out, lse = flash_attention(
+    q[0], k[0], v[0], bias, is_causal=True, return_residual=True, implementation=implementation
+  )
+  ref, ref_lse = flash_attention(
+    q[:1],
+    k[:1],
+    v[:1],
+    bias[None],
+    is_causal=True,
+    return_residual=True,
+    implementation=implementation,
+  )
   assert out.shape == q.shape[1:] and lse.shape == (4, 40)
   np.testing.assert_allclose(out, ref[0], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(lse, ref_lse[0], rtol=1e-6, atol=1e-6)
@@ -136,7 +180,7 @@ def test_jit_vmap_grad_checkpoint(qkv, implementation):
   grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
   vmapped = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(q[:, None], k[:, None], v[:, None])
-  for g, r, vm in zip(grads, remat, vmapped):
+  for g, r, vm in zip(grads, remat, vmapped, strict=True):
     assert rel_err(r, g) < 1e-5
     assert rel_err(vm[:, 0], g) < 1e-5
 

@@ -26,14 +26,14 @@ def numpy_mask(t, s, spec: masks.MaskSpec, q_len, kv_len):
 
 
 SPECS = [
-    masks.MaskSpec(),
-    masks.MaskSpec(causal=True),
-    masks.MaskSpec(window_left=5, window_right=0),
-    masks.MaskSpec(window_left=0, window_right=0),
-    masks.MaskSpec(window_left=17, window_right=3),
-    masks.MaskSpec(window_left=None, window_right=9),
-    masks.MaskSpec(causal=True, window_left=20),
-    masks.MaskSpec(causal=True, window_left=4, window_right=30),
+  masks.MaskSpec(),
+  masks.MaskSpec(causal=True),
+  masks.MaskSpec(window_left=5, window_right=0),
+  masks.MaskSpec(window_left=0, window_right=0),
+  masks.MaskSpec(window_left=17, window_right=3),
+  masks.MaskSpec(window_left=None, window_right=9),
+  masks.MaskSpec(causal=True, window_left=20),
+  masks.MaskSpec(causal=True, window_left=4, window_right=30),
 ]
 SHAPES = [(37, 37), (64, 100), (100, 41), (1, 70)]
 
@@ -59,7 +59,7 @@ def _check_ranges(keep, own_len, block_own, block_other, ranges_fn):
   for start in range(0, own, block_own):
     lo, full_lo, full_hi, hi = (int(x) for x in ranges_fn(start))
     assert 0 <= lo <= full_lo <= full_hi <= hi <= n_other
-    tiles = padded[start:start + block_own].reshape(block_own, n_other, block_other)
+    tiles = padded[start : start + block_own].reshape(block_own, n_other, block_other)
     visible = tiles.any(axis=(0, 2))
     full = tiles.all(axis=(0, 2))
     # Skipped tiles hold nothing visible; tiles claimed full are full.
@@ -79,12 +79,22 @@ def test_block_ranges(spec, t, s, block_q, block_k):
   for q_len, kv_len in _lengths(t, s):
     keep = numpy_mask(t, s, spec, q_len, kv_len)
     _check_ranges(
-        keep, q_len, block_q, block_k,
-        lambda start: masks.kv_block_range(start, block_q, block_k, spec, q_len, kv_len),
+      keep,
+      q_len,
+      block_q,
+      block_k,
+      lambda start, q_len=q_len, kv_len=kv_len: masks.kv_block_range(
+        start, block_q, block_k, spec, q_len, kv_len
+      ),
     )
     _check_ranges(
-        keep.T, kv_len, block_k, block_q,
-        lambda start: masks.q_block_range(start, block_k, block_q, spec, q_len, kv_len),
+      keep.T,
+      kv_len,
+      block_k,
+      block_q,
+      lambda start, q_len=q_len, kv_len=kv_len: masks.q_block_range(
+        start, block_k, block_q, spec, q_len, kv_len
+      ),
     )
 
 
@@ -99,9 +109,8 @@ def test_full_tiles_found():
 def test_window_skips_far_tiles():
   spec = masks.MaskSpec(window_left=32, window_right=0)
   counts = [
-      int(hi - lo)
-      for lo, _, _, hi in (masks.kv_block_range(i * 64, 64, 64, spec, 4096, 4096)
-                           for i in range(64))
+    int(hi - lo)
+    for lo, _, _, hi in (masks.kv_block_range(i * 64, 64, 64, spec, 4096, 4096) for i in range(64))
   ]
   assert max(counts) <= 2
   assert list(itertools.islice(counts, 1)) == [1]

@@ -63,10 +63,10 @@ def _extra_tile(ref, b, n, row_start, rows: int, col_start, cols: int):
     return None
   bb, nb, tb, sb = ref.shape
   tile = ref[
-      b if bb > 1 else 0,
-      n if nb > 1 else 0,
-      pl.ds(row_start, rows) if tb > 1 else pl.ds(0, 1),
-      pl.ds(col_start, cols) if sb > 1 else pl.ds(0, 1),
+    b if bb > 1 else 0,
+    n if nb > 1 else 0,
+    pl.ds(row_start, rows) if tb > 1 else pl.ds(0, 1),
+    pl.ds(col_start, cols) if sb > 1 else pl.ds(0, 1),
   ]
   return tile != 0 if ref.dtype == jnp.int8 else tile
 
@@ -96,7 +96,9 @@ def _geometry(problem, block_q, block_k, mask, dtype) -> loops.Geometry:
   return loops.Geometry(block_q, block_k, problem.scale, problem.spec, mask is not None, precision)
 
 
-def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, geo, groups, has_bias, has_mask):
+def _forward_kernel(
+  q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, geo, groups, has_bias, has_mask
+):
   bias_ref, mask_ref, (o_ref, lse_ref) = _split_extras(refs, has_bias, has_mask)
   num_q_blocks = pl.num_programs(0)
   # Last query blocks first: under a causal mask they have the most work.
@@ -110,14 +112,14 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, geo, grou
     k_start = j * geo.block_k
     cols = pl.ds(k_start, geo.block_k)
     return loops.KVTile(
-        k_ref[b, cols, kv_head, :],
-        v_ref[b, cols, kv_head, :],
-        _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
-        _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+      k_ref[b, cols, kv_head, :],
+      v_ref[b, cols, kv_head, :],
+      _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+      _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
     )
 
   out, lse2 = loops.forward_rows(
-      geo, q_ref[b, rows, n, :], q_start, load, q_len_ref[b], kv_len_ref[b]
+    geo, q_ref[b, rows, n, :], q_start, load, q_len_ref[b], kv_len_ref[b]
   )
   o_ref[b, rows, n, :] = out.astype(o_ref.dtype)
   lse_ref[b, n, rows] = lse2
@@ -132,30 +134,41 @@ def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   t_pad, s_pad = round_up(t, blocks.fwd_q), round_up(s, blocks.fwd_k)
   q, k, v, extras = _prepare(h_pad, t_pad, s_pad, q, k, v, bias, mask)
   kernel = functools.partial(
-      _forward_kernel,
-      geo=_geometry(problem, blocks.fwd_q, blocks.fwd_k, mask, q.dtype),
-      groups=n // num_kv_heads,
-      has_bias=bias is not None,
-      has_mask=mask is not None,
+    _forward_kernel,
+    geo=_geometry(problem, blocks.fwd_q, blocks.fwd_k, mask, q.dtype),
+    groups=n // num_kv_heads,
+    has_bias=bias is not None,
+    has_mask=mask is not None,
   )
   out, lse2 = pl.pallas_call(
-      kernel,
-      grid=(t_pad // blocks.fwd_q, b, n),
-      out_shape=[
-          jax.ShapeDtypeStruct((b, t_pad, n, h_pad), q.dtype),
-          jax.ShapeDtypeStruct((b, n, t_pad), jnp.float32),
-      ],
-      compiler_params=plgpu.CompilerParams(
-          num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages
-      ),
-      interpret=_interpret(),
-      name="pallas_attention_fwd",
+    kernel,
+    grid=(t_pad // blocks.fwd_q, b, n),
+    out_shape=[
+      jax.ShapeDtypeStruct((b, t_pad, n, h_pad), q.dtype),
+      jax.ShapeDtypeStruct((b, n, t_pad), jnp.float32),
+    ],
+    compiler_params=plgpu.CompilerParams(num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages),
+    interpret=_interpret(),
+    name="pallas_attention_fwd",
   )(q_len, kv_len, q, k, v, *extras)
   return out[:, :t, :, :h], lse2[:, :, :t]
 
 
-def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               geo, groups, has_bias, has_mask):
+def _dq_kernel(
+  q_len_ref,
+  kv_len_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  *refs,
+  geo,
+  groups,
+  has_bias,
+  has_mask,
+):
   bias_ref, mask_ref, (dq_ref,) = _split_extras(refs, has_bias, has_mask)
   i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv_head = lax.div(n, groups)
@@ -166,28 +179,41 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     k_start = j * geo.block_k
     cols = pl.ds(k_start, geo.block_k)
     return loops.KVTile(
-        k_ref[b, cols, kv_head, :],
-        v_ref[b, cols, kv_head, :],
-        _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
-        _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+      k_ref[b, cols, kv_head, :],
+      v_ref[b, cols, kv_head, :],
+      _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+      _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
     )
 
   dq = loops.dq_rows(
-      geo,
-      q_ref[b, rows, n, :],
-      do_ref[b, rows, n, :],
-      lse_ref[b, n, rows],
-      delta_ref[b, n, rows],
-      q_start,
-      load,
-      q_len_ref[b],
-      kv_len_ref[b],
+    geo,
+    q_ref[b, rows, n, :],
+    do_ref[b, rows, n, :],
+    lse_ref[b, n, rows],
+    delta_ref[b, n, rows],
+    q_start,
+    load,
+    q_len_ref[b],
+    kv_len_ref[b],
   )
   dq_ref[b, rows, n, :] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                geo, groups, has_bias, has_mask):
+def _dkv_kernel(
+  q_len_ref,
+  kv_len_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  *refs,
+  geo,
+  groups,
+  has_bias,
+  has_mask,
+):
   bias_ref, mask_ref, (dk_ref, dv_ref) = _split_extras(refs, has_bias, has_mask)
   j, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k_start = j * geo.block_k
@@ -198,23 +224,23 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
     q_start = i * geo.block_q
     rows = pl.ds(q_start, geo.block_q)
     return loops.QTile(
-        q_ref[b, rows, n, :],
-        do_ref[b, rows, n, :],
-        lse_ref[b, n, rows],
-        delta_ref[b, n, rows],
-        _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
-        _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+      q_ref[b, rows, n, :],
+      do_ref[b, rows, n, :],
+      lse_ref[b, n, rows],
+      delta_ref[b, n, rows],
+      _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+      _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
     )
 
   dk, dv = loops.dkv_cols(
-      geo,
-      k_ref[b, cols, kv_head, :],
-      v_ref[b, cols, kv_head, :],
-      k_start,
-      groups,
-      load,
-      q_len_ref[b],
-      kv_len_ref[b],
+    geo,
+    k_ref[b, cols, kv_head, :],
+    v_ref[b, cols, kv_head, :],
+    k_start,
+    groups,
+    load,
+    q_len_ref[b],
+    kv_len_ref[b],
   )
   dk_ref[b, cols, kv_head, :] = dk.astype(dk_ref.dtype)
   dv_ref[b, cols, kv_head, :] = dv.astype(dv_ref.dtype)
@@ -235,25 +261,23 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
   common = dict(groups=n // num_kv_heads, has_bias=bias is not None, has_mask=mask is not None)
 
   dk, dv = pl.pallas_call(
-      functools.partial(
-          _dkv_kernel, geo=_geometry(problem, blocks.dkv_q, blocks.dkv_k, mask, q.dtype), **common
-      ),
-      grid=(s_pad // blocks.dkv_k, b, num_kv_heads),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=plgpu.CompilerParams(
-          num_warps=blocks.dkv_warps, num_stages=blocks.dkv_stages
-      ),
-      interpret=_interpret(),
-      name="pallas_attention_dkv",
+    functools.partial(
+      _dkv_kernel, geo=_geometry(problem, blocks.dkv_q, blocks.dkv_k, mask, q.dtype), **common
+    ),
+    grid=(s_pad // blocks.dkv_k, b, num_kv_heads),
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=plgpu.CompilerParams(num_warps=blocks.dkv_warps, num_stages=blocks.dkv_stages),
+    interpret=_interpret(),
+    name="pallas_attention_dkv",
   )(*inputs)
   dq = pl.pallas_call(
-      functools.partial(
-          _dq_kernel, geo=_geometry(problem, blocks.dq_q, blocks.dq_k, mask, q.dtype), **common
-      ),
-      grid=(t_pad // blocks.dq_q, b, n),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=blocks.dq_warps, num_stages=blocks.dq_stages),
-      interpret=_interpret(),
-      name="pallas_attention_dq",
+    functools.partial(
+      _dq_kernel, geo=_geometry(problem, blocks.dq_q, blocks.dq_k, mask, q.dtype), **common
+    ),
+    grid=(t_pad // blocks.dq_q, b, n),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=plgpu.CompilerParams(num_warps=blocks.dq_warps, num_stages=blocks.dq_stages),
+    interpret=_interpret(),
+    name="pallas_attention_dq",
   )(*inputs)
   return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]
