@@ -76,6 +76,25 @@ def tile_scores(geo: Geometry, q, k, bias, keep, rows, cols, masked: bool, q_len
   return tiles.scores(q, k, geo.scale, bias, keep, geo.precision)
 
 
+def _visit_kv_blocks(geo: Geometry, q, q_start, load_kv, q_len, kv_len, update, carry):
+  """Fold ``update(scores, tile, carry)`` over the key blocks query block ``q_start`` sees."""
+  rows = q_start + jnp.arange(geo.block_q, dtype=jnp.int32)
+  ranges = masks.kv_block_range(q_start, geo.block_q, geo.block_k, geo.spec, q_len, kv_len)
+
+  def body(masked):
+    def step(j, carry):
+      tile = load_kv(j)
+      cols = j * geo.block_k + jnp.arange(geo.block_k, dtype=jnp.int32)
+      s = tile_scores(geo, q, tile.k, tile.bias, tile.keep, rows, cols, masked, q_len, kv_len)
+      return update(s, tile, carry)
+
+    return step
+
+  for start, stop, masked in _three_ranges(*ranges, geo.dense_mask):
+    carry = lax.fori_loop(start, stop, body(masked), carry)
+  return carry
+
+
 def forward_rows(
   geo: Geometry,
   q,
@@ -85,21 +104,12 @@ def forward_rows(
   kv_len,
 ):
   """Output ``[bq, H]`` (f32) and base-2 LSE ``[bq]`` of one query block."""
-  rows = q_start + jnp.arange(geo.block_q, dtype=jnp.int32)
-  ranges = masks.kv_block_range(q_start, geo.block_q, geo.block_k, geo.spec, q_len, kv_len)
 
-  def body(masked):
-    def step(j, carry):
-      tile = load_kv(j)
-      cols = j * geo.block_k + jnp.arange(geo.block_k, dtype=jnp.int32)
-      s = tile_scores(geo, q, tile.k, tile.bias, tile.keep, rows, cols, masked, q_len, kv_len)
-      return tiles.softmax_step(s, tile.v, *carry, precision=geo.precision)
-
-    return step
+  def update(s, tile, carry):
+    return tiles.softmax_step(s, tile.v, *carry, precision=geo.precision)
 
   carry = tiles.softmax_init(geo.block_q, q.shape[-1])
-  for start, stop, masked in _three_ranges(*ranges, geo.dense_mask):
-    carry = lax.fori_loop(start, stop, body(masked), carry)
+  carry = _visit_kv_blocks(geo, q, q_start, load_kv, q_len, kv_len, update, carry)
   return tiles.softmax_finish(*carry)
 
 
@@ -115,22 +125,13 @@ def dq_rows(
   kv_len,
 ):
   """``dq [bq, H]`` (f32, scale applied) of one query block."""
-  rows = q_start + jnp.arange(geo.block_q, dtype=jnp.int32)
-  ranges = masks.kv_block_range(q_start, geo.block_q, geo.block_k, geo.spec, q_len, kv_len)
 
-  def body(masked):
-    def step(j, dq):
-      tile = load_kv(j)
-      cols = j * geo.block_k + jnp.arange(geo.block_k, dtype=jnp.int32)
-      s = tile_scores(geo, q, tile.k, tile.bias, tile.keep, rows, cols, masked, q_len, kv_len)
-      _, ds = tiles.score_grad(s, tile.v, do, lse2, delta, geo.precision)
-      return dq + tiles.dot(ds.astype(tile.k.dtype), tile.k, precision=geo.precision)
-
-    return step
+  def update(s, tile, dq):
+    _, ds = tiles.score_grad(s, tile.v, do, lse2, delta, geo.precision)
+    return dq + tiles.dot(ds.astype(tile.k.dtype), tile.k, precision=geo.precision)
 
   dq = jnp.zeros((geo.block_q, q.shape[-1]), jnp.float32)
-  for start, stop, masked in _three_ranges(*ranges, geo.dense_mask):
-    dq = lax.fori_loop(start, stop, body(masked), dq)
+  dq = _visit_kv_blocks(geo, q, q_start, load_kv, q_len, kv_len, update, dq)
   return dq * geo.scale
 
 

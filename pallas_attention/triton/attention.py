@@ -71,6 +71,22 @@ def _extra_tile(ref, b, n, row_start, rows: int, col_start, cols: int):
   return tile != 0 if ref.dtype == jnp.int8 else tile
 
 
+def _kv_loader(geo, k_ref, v_ref, bias_ref, mask_ref, b, n, kv_head, q_start):
+  """``load(j)``: key block ``j`` of ``kv_head`` and its extras for query head ``n``."""
+
+  def load(j):
+    k_start = j * geo.block_k
+    cols = pl.ds(k_start, geo.block_k)
+    return loops.KVTile(
+      k_ref[b, cols, kv_head, :],
+      v_ref[b, cols, kv_head, :],
+      _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+      _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
+    )
+
+  return load
+
+
 def _split_extras(refs, has_bias: bool, has_mask: bool):
   refs = list(refs)
   bias = refs.pop(0) if has_bias else None
@@ -108,16 +124,7 @@ def _forward_kernel(
   q_start = i * geo.block_q
   rows = pl.ds(q_start, geo.block_q)
 
-  def load(j):
-    k_start = j * geo.block_k
-    cols = pl.ds(k_start, geo.block_k)
-    return loops.KVTile(
-      k_ref[b, cols, kv_head, :],
-      v_ref[b, cols, kv_head, :],
-      _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
-      _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
-    )
-
+  load = _kv_loader(geo, k_ref, v_ref, bias_ref, mask_ref, b, n, kv_head, q_start)
   out, lse2 = loops.forward_rows(
     geo, q_ref[b, rows, n, :], q_start, load, q_len_ref[b], kv_len_ref[b]
   )
@@ -175,16 +182,7 @@ def _dq_kernel(
   q_start = i * geo.block_q
   rows = pl.ds(q_start, geo.block_q)
 
-  def load(j):
-    k_start = j * geo.block_k
-    cols = pl.ds(k_start, geo.block_k)
-    return loops.KVTile(
-      k_ref[b, cols, kv_head, :],
-      v_ref[b, cols, kv_head, :],
-      _extra_tile(bias_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
-      _extra_tile(mask_ref, b, n, q_start, geo.block_q, k_start, geo.block_k),
-    )
-
+  load = _kv_loader(geo, k_ref, v_ref, bias_ref, mask_ref, b, n, kv_head, q_start)
   dq = loops.dq_rows(
     geo,
     q_ref[b, rows, n, :],
