@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -40,12 +39,6 @@ class QTile:
   delta: Any  # [bq]
   bias: Any = None
   keep: Any = None
-
-
-jax.tree_util.register_dataclass(KVTile, data_fields=["k", "v", "bias", "keep"], meta_fields=[])
-jax.tree_util.register_dataclass(
-  QTile, data_fields=["q", "do", "lse2", "delta", "bias", "keep"], meta_fields=[]
-)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,6 @@ from jax import lax
 from pallas_attention import loops, tiles
 from pallas_attention.problem import Problem, pad_axis, pad_extra, round_up
 
-NAME = "xla"
-
 
 def _block_size() -> int:
   # Small tiles keep CPU tests quick with several blocks; accelerators want

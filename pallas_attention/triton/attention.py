@@ -22,7 +22,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_attention import loops, tiles, tuning
 from pallas_attention.problem import Problem, pad_axis, pad_extra, round_up
 
-NAME = "triton"
 MAX_HEAD_DIM = 256
 
 
