@@ -147,7 +147,7 @@ def _select(names, scale, spec, query, key, bias, mask) -> Problem:
 def _unavailable(name: str) -> str | None:
   """Why implementation ``name`` cannot run on the default device, or None."""
   if name == "mosaic":
-    return "the Mosaic GPU (Hopper) kernels are not built yet"
+    return "the Mosaic GPU (Hopper) kernels are not complete yet (forward only, not dispatched)"
   try:
     module = core.implementation_module(name)
   except ImportError as err:  # e.g. a JAX release without the Pallas Triton lowering
