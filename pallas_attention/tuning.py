@@ -30,7 +30,7 @@ class TritonBlocks:
 
   def clipped(self, t: int, s: int) -> TritonBlocks:
     """Shrink tiles that exceed the (power-of-two padded) sequence lengths."""
-    tq, tk = max(16, next_power_of_2(t)), max(16, next_power_of_2(s))
+    tq, tk = triton_extent(t), triton_extent(s)
     return dataclasses.replace(
       self,
       fwd_q=min(self.fwd_q, tq),
@@ -44,6 +44,11 @@ class TritonBlocks:
 
 def next_power_of_2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
+
+
+def triton_extent(x: int) -> int:
+  """The smallest Triton tile extent covering ``x``: a power of two, at least 16."""
+  return max(16, next_power_of_2(x))
 
 
 # head_dim (after padding to a power of two) -> blocks. Measured on an H100,
@@ -65,7 +70,7 @@ _TRITON_F32_256 = TritonBlocks(32, 32, 4, 1, 32, 32, 4, 1, 32, 32, 4, 1)
 
 def triton_blocks(head_dim: int, dtype=None) -> TritonBlocks:
   """Default Triton blocks for a head dim (padded to a power of two, 16..256) and dtype."""
-  head_dim = max(16, next_power_of_2(head_dim))
+  head_dim = triton_extent(head_dim)
   if dtype is not None and jnp.dtype(dtype) == jnp.float32:
     return _TRITON_F32_256 if head_dim > 128 else _TRITON_F32
   return _TRITON[head_dim]

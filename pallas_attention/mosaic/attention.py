@@ -25,10 +25,9 @@ from pallas_attention import tiles
 BLOCK = 64  # rows of one wgmma per warpgroup; also the key tile
 
 
-def check(q, k, causal: bool) -> None:
+def check(q, k) -> None:
   """Raise NotImplementedError for what this kernel does not serve."""
-  del causal
-  b, t, n, h = q.shape
+  t, h = q.shape[1], q.shape[3]
   s = k.shape[1]
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise NotImplementedError(f"mosaic: dtype {q.dtype} (needs bfloat16 or float16)")
@@ -40,7 +39,7 @@ def check(q, k, causal: bool) -> None:
 
 def forward(q, k, v, *, scale: float, causal: bool = False, stages: int = 2):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32)."""
-  check(q, k, causal)
+  check(q, k)
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   groups = n // kv_heads

@@ -135,7 +135,7 @@ def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   """``out [B, T, N, H]`` (q's dtype) and base-2 LSE ``[B, N, T]`` (f32)."""
   b, t, n, h = q.shape
   s, num_kv_heads = k.shape[1], k.shape[2]
-  h_pad = max(16, tuning.next_power_of_2(h))
+  h_pad = tuning.triton_extent(h)
   blocks = _blocks(problem, h_pad, q.dtype, t, s)
   t_pad, s_pad = round_up(t, blocks.fwd_q), round_up(s, blocks.fwd_k)
   q, k, v, extras = _prepare(h_pad, t_pad, s_pad, q, k, v, bias, mask)
@@ -247,7 +247,7 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
   """``dq, dk, dv`` in the dtypes of q, k, v (see core._attention_bwd for lse2, delta)."""
   b, t, n, h = q.shape
   s, num_kv_heads = k.shape[1], k.shape[2]
-  h_pad = max(16, tuning.next_power_of_2(h))
+  h_pad = tuning.triton_extent(h)
   blocks = _blocks(problem, h_pad, q.dtype, t, s)
   t_pad = round_up(t, max(blocks.dkv_q, blocks.dq_q))
   s_pad = round_up(s, max(blocks.dkv_k, blocks.dq_k))
