@@ -20,8 +20,10 @@ for step in "${steps[@]}"; do
         > "$out/tests.log" 2>&1
       echo "tests: exit $? -- $(tail -n 1 "$out/tests.log")" | tee -a "$out/summary.txt" ;;
     bench)
-      python3 benchmarks/bench.py --head-dims 64 128 --seqlens 1024 4096 16384 \
-        --impls ${BENCH_IMPLS:-triton xla cudnn xla-dense} --json "$out/bench.json" \
+      python3 benchmarks/bench.py --head-dims ${BENCH_HEAD_DIMS:-64 128 256} \
+        --seqlens ${BENCH_SEQLENS:-512 1024 2048 4096 8192 16384} \
+        --passes ${BENCH_PASSES:-both} --causal ${BENCH_CAUSAL:-both} \
+        --impls ${BENCH_IMPLS:-mosaic triton cudnn xla xla-dense} --json "$out/bench.json" \
         > "$out/bench.md" 2> "$out/bench.log"
       echo "bench: exit $?" >> "$out/summary.txt" ;;
     memory)

@@ -115,7 +115,8 @@ def flash_attention(
   spec = masks.MaskSpec(bool(is_causal), *_window(local_window_size))
   scale = _scale(scale, h)
 
-  problem = _select(names, scale, spec, query, key, bias, mask)
+  has_lengths = query_seq_lengths is not None or key_value_seq_lengths is not None
+  problem = _select(names, scale, spec, query, key, bias, mask, has_lengths)
   out, lse = core.attention_jit(problem, query, key, value, bias, mask, q_len, kv_len)
   if unbatched:
     out, lse = out[0], lse[0]
@@ -131,11 +132,11 @@ def available_implementations() -> list[str]:
   return [name for name in _default_order() if _unavailable(name) is None]
 
 
-def _select(names, scale, spec, query, key, bias, mask) -> Problem:
+def _select(names, scale, spec, query, key, bias, mask, has_lengths) -> Problem:
   reasons = []
   for name in names:
     reason = _unavailable(name)
-    problem = Problem(scale, spec, name)
+    problem = Problem(scale, spec, name, has_lengths=has_lengths)
     if reason is None:
       reason = core.implementation_module(name).supports(problem, query, key, bias, mask)
     if reason is None:
@@ -146,8 +147,6 @@ def _select(names, scale, spec, query, key, bias, mask) -> Problem:
 
 def _unavailable(name: str) -> str | None:
   """Why implementation ``name`` cannot run on the default device, or None."""
-  if name == "mosaic":
-    return "the Mosaic GPU (Hopper) kernels are not complete yet (forward only, not dispatched)"
   try:
     module = core.implementation_module(name)
   except ImportError as err:  # e.g. a JAX release without the Pallas Triton lowering

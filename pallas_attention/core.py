@@ -23,6 +23,10 @@ def implementation_module(name: str):
     from pallas_attention.triton import attention as triton_attention
 
     return triton_attention
+  if name == "mosaic":
+    from pallas_attention.mosaic import attention as mosaic_attention
+
+    return mosaic_attention
   raise ValueError(f"implementation: unknown name {name!r}")
 
 

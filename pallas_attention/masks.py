@@ -68,12 +68,28 @@ def row_bounds(cols, spec: MaskSpec, q_len):
   return lo, hi
 
 
+def visible(rows, cols, spec: MaskSpec, q_len, kv_len):
+  """True where query row ``rows`` may attend to key column ``cols``.
+
+  ``rows`` and ``cols`` are integer arrays of one shape (or broadcastable), and
+  only elementwise comparisons with scalars are used, so the function also runs
+  on register tiles with a fixed layout (Mosaic GPU's WGMMA layout), where
+  reshapes and ``full_like`` are not available. This is col_bounds written
+  elementwise: ``lo <= col < hi`` and ``row < q_len``.
+  """
+  keep = (cols < kv_len) & (rows < q_len)
+  if spec.causal:
+    keep = keep & (cols <= rows)
+  if spec.window_left is not None:
+    keep = keep & (cols >= rows - spec.window_left)
+  if spec.window_right is not None:
+    keep = keep & (cols <= rows + spec.window_right)
+  return keep
+
+
 def element_mask(rows, cols, spec: MaskSpec, q_len, kv_len):
   """Boolean ``[len(rows), len(cols)]``: True where row ``i`` may attend to column ``j``."""
-  lo, hi = col_bounds(rows, spec, kv_len)
-  rows = rows[:, None]
-  cols = cols[None, :]
-  return (cols >= lo[:, None]) & (cols < hi[:, None]) & (rows < q_len)
+  return visible(rows[:, None], cols[None, :], spec, q_len, kv_len)
 
 
 def _block_ranges(start, size, other_block, bounds, own_len, other_len):

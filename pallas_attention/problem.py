@@ -28,6 +28,9 @@ class Problem:
   implementation: str
   # Implementation-specific tuning (e.g. tuning.TritonBlocks); None: its default.
   config: Any = None
+  # Whether the caller gave per-batch sequence lengths (q_len, kv_len are then
+  # data; otherwise they are the full T and S).
+  has_lengths: bool = False
 
 
 def round_up(x: int, multiple: int) -> int:

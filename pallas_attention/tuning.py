@@ -74,3 +74,38 @@ def triton_blocks(head_dim: int, dtype=None) -> TritonBlocks:
   if dtype is not None and jnp.dtype(dtype) == jnp.float32:
     return _TRITON_F32_256 if head_dim > 128 else _TRITON_F32
   return _TRITON[head_dim]
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlocks:
+  """Tiles and pipeline depth of the Mosaic GPU (Hopper) kernels.
+
+  The forward gives each of its two consumer warpgroups 64 query rows (128 per
+  CTA) and streams ``fwd_kv``-row key/value tiles through a ``fwd_stages``-deep
+  shared-memory ring. ``dkv_*``: the dK/dV kernel (a key block loops over query
+  tiles); ``dq_*``: the dQ kernel (a query block loops over key tiles);
+  ``bwd_stages``: their ring depth.
+  """
+
+  fwd_kv: int
+  fwd_stages: int
+  dkv_q: int
+  dkv_kv: int
+  dq_q: int
+  dq_kv: int
+  bwd_stages: int
+
+
+# head_dim (64, 128 or 256) -> blocks, bf16/f16. Provisional until the H100
+# sweep of the mosaic issue fills it in (benchmarks/RESULTS.md).
+_MOSAIC = {
+  64: MosaicBlocks(128, 2, 64, 64, 64, 64, 2),
+  128: MosaicBlocks(128, 2, 64, 64, 64, 64, 2),
+  256: MosaicBlocks(64, 2, 64, 64, 64, 64, 2),
+}
+
+
+def mosaic_blocks(head_dim: int, causal: bool = False) -> MosaicBlocks:
+  """Default Mosaic blocks for a head dim of 64, 128 or 256 (after padding)."""
+  del causal  # one table for both until measurements say otherwise
+  return _MOSAIC[head_dim]

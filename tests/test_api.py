@@ -121,9 +121,15 @@ def test_variants_not_implemented_yet(qkv, option):
     flash_attention(*qkv, **option)
 
 
-def test_mosaic_alone_not_implemented(qkv):
-  with pytest.raises(NotImplementedError, match="mosaic"):
-    flash_attention(*qkv, implementation="mosaic")
+def test_mosaic_rejects_what_it_does_not_serve(qkv):
+  q, k, v = qkv  # float32
+  with pytest.raises(NotImplementedError, match="mosaic: dtype float32"):
+    flash_attention(q, k, v, implementation="mosaic")
+  q, k, v = (x.astype(jnp.bfloat16) for x in qkv)
+  with pytest.raises(NotImplementedError, match="mosaic: bias"):
+    flash_attention(q, k, v, jnp.zeros((1, 1, 1, 50)), implementation="mosaic")
+  with pytest.raises(NotImplementedError, match="mosaic: per-batch sequence lengths"):
+    flash_attention(q, k, v, key_value_seq_lengths=jnp.array([3, 50]), implementation="mosaic")
 
 
 def test_sequence_falls_through(qkv):

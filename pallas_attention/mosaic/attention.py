@@ -1,147 +1,114 @@
-"""FlashAttention forward in Pallas Mosaic GPU (Hopper): groundwork for the `mosaic` issue.
+"""The ``mosaic`` implementation: Pallas Mosaic GPU kernels for Hopper (sm90).
 
-Not dispatched yet (``implementation="mosaic"`` still raises NotImplementedError):
-this is the first step, a forward kernel that compiles and is correct on an H100
-and runs in the Mosaic GPU interpreter on CPU. One warpgroup per 64-row query
-block; K/V tiles arrive by TMA in a ``stages``-deep shared-memory ring, each slot
-with its own barrier, and the next tile's copy is issued as soon as a slot is
-free; both products are ``wgmma``. P goes through shared memory because the
-interpreter's ``wgmma`` takes its left operand only from there.
+This module is what core.py and api.py see: availability, which calls it serves,
+and the padding around the kernels in forward.py and backward.py.
 
-Limits of this version: bf16/f16; T, S and H multiples of 64; causal or no mask;
-no lengths, window, bias or mask; no backward. benchmarks/NOTES.md has its speed.
+Served: bfloat16/float16, head dims up to 256 (padded to 64, 128 or 256), any
+sequence lengths (padded to whole tiles and masked), causal and local windows,
+GQA/MQA. Not served, so that dispatch moves on to ``triton``: float32, bias,
+mask, per-batch sequence lengths. On CPU the same kernels run in the Mosaic GPU
+interpreter (slow; for tests).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_attention import tiles
+from pallas_attention import tuning
+from pallas_attention.mosaic import forward as fwd
+from pallas_attention.problem import Problem, pad_axis, round_up
 
-BLOCK = 64  # rows of one wgmma per warpgroup; also the key tile
+HEAD_DIMS = (64, 128, 256)
 
 
-def check(q, k) -> None:
-  """Raise NotImplementedError for what this kernel does not serve."""
-  t, h = q.shape[1], q.shape[3]
-  s = k.shape[1]
+def unavailable() -> str | None:
+  """None if the kernels can run on the default device; otherwise why not."""
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return None  # the Mosaic GPU interpreter
+  if backend != "gpu":
+    return f"needs an NVIDIA Hopper GPU (or the CPU interpreter), not {backend}"
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if capability is None or not str(capability).startswith("9."):
+    return f"needs compute capability 9.x (Hopper), not {capability} ({device.device_kind})"
+  return None
+
+
+def supports(problem: Problem, q, k, bias, mask) -> str | None:
+  """None: these kernels serve the call; otherwise why not."""
+  del k
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise NotImplementedError(f"mosaic: dtype {q.dtype} (needs bfloat16 or float16)")
-  if t % BLOCK or s % BLOCK or h % 64 or h > 256:
-    raise NotImplementedError(
-      f"mosaic: T={t}, S={s} must be multiples of {BLOCK} and H={h} one of 64, 128, 192, 256"
-    )
+    return f"dtype {q.dtype} (needs bfloat16 or float16)"
+  if q.shape[-1] > HEAD_DIMS[-1]:
+    return f"head dim {q.shape[-1]} > {HEAD_DIMS[-1]}"
+  if bias is not None or mask is not None:
+    return "bias and mask arrays are not supported"
+  if problem.has_lengths:
+    return "per-batch sequence lengths are not supported"
+  return unavailable()
 
 
-def forward(q, k, v, *, scale: float, causal: bool = False, stages: int = 2):
+def head_dim_extent(h: int) -> int:
+  return next(d for d in HEAD_DIMS if d >= h)
+
+
+def blocks(problem: Problem, h_pad: int) -> tuning.MosaicBlocks:
+  return problem.config or tuning.mosaic_blocks(h_pad, problem.spec.causal)
+
+
+def _extents(problem: Problem, t: int, s: int, h: int):
+  h_pad = head_dim_extent(h)
+  config = blocks(problem, h_pad)
+  t_pad = round_up(t, max(fwd.CTA_ROWS, config.dkv_q, config.dq_q))
+  s_pad = round_up(s, max(config.fwd_kv, config.dkv_kv, config.dq_kv))
+  return h_pad, t_pad, s_pad, config
+
+
+def _pad(x, seq: int, h_pad: int):
+  return pad_axis(pad_axis(x, 3, h_pad), 1, seq)
+
+
+def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32)."""
-  check(q, k)
-  b, t, n, h = q.shape
-  s, kv_heads = k.shape[1], k.shape[2]
-  groups = n // kv_heads
-  num_kv_blocks = s // BLOCK
-  stages = min(stages, num_kv_blocks)
-  dtype = q.dtype
-
-  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch):
-    q_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_bars, v_bars = scratch
-    q_start = lax.axis_index("q") * BLOCK
-    head, batch = lax.axis_index("heads"), lax.axis_index("batch")
-    kv_head = lax.div(head, jnp.array(groups, head.dtype))
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, BLOCK), head], q_smem, q_bar.at[0])
-
-    def fetch(j, slot):
-      cols = (batch, pl.ds(j * BLOCK, BLOCK), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
-
-    for slot in range(stages):
-      fetch(slot, slot)
-    num_steps = num_kv_blocks
-    if causal:  # key blocks past the diagonal are never loaded
-      num_steps = jnp.minimum(lax.div(q_start, jnp.array(BLOCK, q_start.dtype)) + 1, num_kv_blocks)
-    plgpu.barrier_wait(q_bar.at[0])
-
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    m = plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_layout)
-    denom = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row_layout)
-    acc = plgpu.layout_cast(jnp.zeros((BLOCK, h), jnp.float32), plgpu.Layout.WGMMA)
-
-    def step(j, carry):
-      m, denom, acc = carry
-      slot = lax.rem(j, jnp.array(stages, j.dtype))
-      plgpu.barrier_wait(k_bars.at[slot])
-
-      def scores(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-        return acc_ref[...]
-
-      sc = pl.run_scoped(scores, plgpu.ACC((BLOCK, BLOCK), jnp.float32)) * (scale * tiles.LOG2E)
-      if causal:
-        rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
-        cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
-        sc = jnp.where(rows + q_start >= cols + j * BLOCK, sc, -jnp.inf)
-      m_new = jnp.maximum(m, sc.max(axis=1))
-      m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      alpha = jnp.exp2(m - m_shift)
-      p = jnp.exp2(sc - lax.broadcast_in_dim(m_shift, sc.shape, [0]))
-      denom = denom * alpha + p.sum(axis=1)
-      p_smem[...] = p.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.barrier_wait(v_bars.at[slot])
-
-      def values(acc_ref):
-        plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-        return acc_ref[...]
-
-      pv = pl.run_scoped(values, plgpu.ACC((BLOCK, h), jnp.float32))
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-
-      # Both products have read this slot: refill it with the tile `stages` ahead.
-      @pl.when(j + stages < num_steps)
-      def _():
-        fetch(j + stages, slot)
-
-      return m_new, denom, acc
-
-    m, denom, acc = lax.fori_loop(0, num_steps, step, (m, denom, acc))
-    empty = denom == 0.0
-    safe = jnp.where(empty, 1.0, denom)
-    q_smem[...] = (acc / lax.broadcast_in_dim(safe, acc.shape, [0])).astype(dtype)
-    lse_smem[...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, BLOCK), head])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, BLOCK)])
-    plgpu.wait_smem_to_gmem(0)
-
-  def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    pl.run_scoped(
-      lambda *scratch: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch),
-      plgpu.SMEM((BLOCK, h), dtype, transforms=swizzled),
-      plgpu.SMEM((stages, BLOCK, h), dtype, transforms=swizzled),
-      plgpu.SMEM((stages, BLOCK, h), dtype, transforms=swizzled),
-      plgpu.SMEM((BLOCK, BLOCK), dtype, transforms=swizzled),
-      plgpu.SMEM((BLOCK,), jnp.float32),
-      plgpu.Barrier(num_barriers=1),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-    )
-
-  call = plgpu.kernel(
-    entry,
-    out_type=[q, jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-    grid=(t // BLOCK, n, b),
-    grid_names=("q", "heads", "batch"),
+  del bias, mask, q_len, kv_len  # supports() admits only the static full lengths
+  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+  h_pad, t_pad, s_pad, config = _extents(problem, t, s, h)
+  out, lse2 = fwd.forward(
+    _pad(q, t_pad, h_pad),
+    _pad(k, s_pad, h_pad),
+    _pad(v, s_pad, h_pad),
+    scale=problem.scale,
+    spec=problem.spec,
+    q_len=t,
+    kv_len=s,
+    block_kv=config.fwd_kv,
+    stages=config.fwd_stages,
   )
-  if jax.default_backend() == "cpu":
-    with plgpu.force_gpu_interpret_mode():
-      return call(q, k, v)
-  return call(q, k, v)
+  return out[:, :t, :, :h], lse2[:, :, :t]
 
 
-forward_jit = jax.jit(forward, static_argnames=("scale", "causal", "stages"))
+def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, delta):
+  """``dq, dk, dv`` (see core._attention_bwd for lse2 and delta)."""
+  from pallas_attention.mosaic import backward as bwd
+
+  del bias, mask, q_len, kv_len
+  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+  h_pad, t_pad, s_pad, config = _extents(problem, t, s, h)
+  # Padded rows: no gradient flows in (do = 0) and p = exp2(s - inf) = 0.
+  lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, t_pad - t)), constant_values=jnp.inf)
+  dq, dk, dv = bwd.backward(
+    _pad(q, t_pad, h_pad),
+    _pad(k, s_pad, h_pad),
+    _pad(v, s_pad, h_pad),
+    _pad(do, t_pad, h_pad),
+    lse2,
+    pad_axis(delta, 2, t_pad),
+    scale=problem.scale,
+    spec=problem.spec,
+    q_len=t,
+    kv_len=s,
+    blocks=config,
+  )
+  return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]

@@ -1,0 +1,415 @@
+"""FlashAttention backward in Pallas Mosaic GPU (Hopper): a dK/dV kernel and a dQ kernel.
+
+Both kernels are warp specialised: ``consumers`` warpgroups of 64 rows each do the
+math, and one producer warpgroup streams the tiles they loop over through a
+``blocks.bwd_stages``-deep shared-memory ring by TMA. Each slot has "loaded"
+barriers (the TMA copies arrive on them) and a "consumed" barrier (every consumer
+arrives once it is done with the slot); the producer refills a slot only after its
+consumed barrier completes.
+
+dK/dV: a CTA owns ``blocks.dkv_kv`` key rows of one kv head and keeps its K and V
+tiles in shared memory; it loops over every query head of the kv head's GQA group
+and over the query tiles that may see its keys, so dK and dV of a kv head are
+summed in registers (no atomics, no per-query-head temporaries). Scores are
+computed transposed, ``sᵀ = K·Qᵀ``, so that ``pᵀ`` and ``dsᵀ`` are already the
+left operands of ``dV += pᵀ·dO`` and ``dK += dsᵀ·Q``.
+
+dQ: a CTA owns ``blocks.dq_q`` query rows of one query head and loops over the
+key tiles they may see.
+
+Tiles that a warpgroup's rows cannot see are skipped (only their barriers are
+honoured), tiles on a mask edge get the element-wise mask of ``masks.visible``,
+and the rest run unmasked.
+
+The left operand of the accumulating products (``pᵀ``, ``dsᵀ``, ``ds``) comes
+from registers on the GPU; the Mosaic GPU interpreter only takes it from shared
+memory, so with ``p_in_registers=False`` it is staged there first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_attention import masks, tiles, tuning
+
+ROWS = 64  # rows of one consumer warpgroup: the M of one wgmma
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def check(q, k, blocks: tuning.MosaicBlocks) -> None:
+  """Raise for inputs the kernels do not serve (they expect padded inputs)."""
+  t, n, h = q.shape[1:]
+  s, kv_heads = k.shape[1:3]
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise NotImplementedError(f"mosaic backward: dtype {q.dtype} (needs bfloat16 or float16)")
+  if h not in (64, 128, 256):
+    raise NotImplementedError(f"mosaic backward: head dim {h} (needs 64, 128 or 256)")
+  if n % kv_heads:
+    raise ValueError(f"mosaic backward: {n} query heads are not a multiple of {kv_heads}")
+  sizes = (blocks.dkv_q, blocks.dkv_kv, blocks.dq_q, blocks.dq_kv)
+  if any(size % 64 or size > 256 for size in sizes) or blocks.bwd_stages < 1:
+    raise ValueError(f"mosaic backward: blocks {blocks} must be multiples of 64, at most 256")
+  if t % max(blocks.dkv_q, blocks.dq_q) or s % max(blocks.dkv_kv, blocks.dq_kv):
+    raise ValueError(f"mosaic backward: T={t}, S={s} must be multiples of the blocks {blocks}")
+
+
+def _needs_mask(spec: masks.MaskSpec, q_len: int, kv_len: int, t: int, s: int) -> bool:
+  windowed = spec.window_left is not None or spec.window_right is not None
+  return spec.causal or windowed or q_len < t or kv_len < s
+
+
+def _matmul(a, b, shape):
+  """``a @ b`` of shared-memory operands as a float32 register tile (WGMMA layout)."""
+
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+
+  return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def _matmul_add(acc, a, b, a_smem):
+  """``acc + a @ b``: ``a`` a 16-bit register tile, ``b`` in shared memory.
+
+  ``a_smem`` None: ``a`` is the wgmma's register operand and ``acc`` its
+  accumulator. Otherwise ``a`` goes through ``a_smem`` first (the interpreter path).
+  """
+  if a_smem is None:
+
+    def accumulate(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+  a_smem[...] = a
+  plgpu.commit_smem()
+  return acc + _matmul(a_smem, b, acc.shape)
+
+
+def _broadcast(x, shape, dim):
+  return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def _iota(shape, dim):
+  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block):
+  """Tiles ``lo <= c_lo <= f_lo <= f_hi <= c_hi <= hi`` of the other axis.
+
+  ``[lo, hi)``: the tiles the CTA streams; ``[c_lo, c_hi)``: those that this
+  warpgroup's 64 rows may see; ``[f_lo, f_hi)``: those they see in every element.
+  """
+  lo, _, _, hi = block_range(cta_start, cta_rows, other_block)
+  c_lo, f_lo, f_hi, c_hi = block_range(wg_start, ROWS, other_block)
+  c_lo = jnp.clip(c_lo, lo, hi)
+  c_hi = jnp.clip(c_hi, c_lo, hi)
+  f_lo = jnp.clip(f_lo, c_lo, c_hi)
+  f_hi = jnp.clip(f_hi, f_lo, c_hi)
+  return lo, c_lo, f_lo, f_hi, c_hi, hi
+
+
+def _sweep(ranges, visit, skip, carry, needs_mask: bool):
+  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``."""
+  lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
+  plain = functools.partial(visit, False)
+  if not needs_mask:
+    return lax.fori_loop(lo, hi, plain, carry)
+  masked = functools.partial(visit, True)
+  runs = ((lo, c_lo, skip), (c_lo, f_lo, masked), (f_lo, f_hi, plain))
+  for start, stop, body in (*runs, (f_hi, c_hi, masked), (c_hi, hi, skip)):
+    carry = lax.fori_loop(start, stop, body, carry)
+  return carry
+
+
+def _produce(steps, stages: int, fetch, consumed) -> None:
+  """Producer warpgroup: ``fetch(step, slot)`` for every step through the ring."""
+  for slot in range(stages):
+    pl.when(slot < steps)(functools.partial(fetch, jnp.int32(slot), slot))
+
+  def refill(step, carry):
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(consumed.at[slot])  # the consumers are done with step - stages
+    fetch(step, slot)
+    return carry
+
+  def drain(step, carry):  # observe every completion: the interpreter checks it
+    plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+    return carry
+
+  lax.fori_loop(stages, steps, refill, 0)
+  lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
+
+
+def _call(body, out_type, scratch, grid, grid_names, consumers):
+  return plgpu.kernel(
+    body,
+    out_type=out_type,
+    scratch_types=scratch,
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    grid=grid,
+    grid_names=grid_names,
+    num_threads=consumers + 1,
+    thread_name="wg",
+  )
+
+
+def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1:3]
+  group = n // kv_heads
+  bq, bk, stages = blocks.dkv_q, blocks.dkv_kv, blocks.bwd_stages
+  consumers = bk // ROWS
+  dtype = q.dtype
+  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch):
+    k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *p_smem = scratch[:-4]
+    kv_bar, q_bar, do_bar, consumed = scratch[-4:]
+    wg = lax.axis_index("wg")
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    k0 = lax.axis_index("kv") * bk
+    lo, _, _, hi = q_range(k0, bk, bq)
+    num_q = hi - lo
+
+    @pl.when(wg == consumers)
+    def _producer():
+      def fetch(step, slot):
+        g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
+        q0 = (lo + step - g * num_q) * bq
+        head = kv_head * group + g
+        rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
+
+      _produce(group * num_q, stages, fetch, consumed)
+
+    @pl.when(wg < consumers)
+    def _consumer():
+      r0 = k0 + wg * ROWS
+      rows = (batch, pl.ds(r0, ROWS), kv_head)
+      k_wg, v_wg = k_smem.at[wg], v_smem.at[wg]
+      a_smem = p_smem[0].at[wg] if p_smem else None
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_wg, kv_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_wg, kv_bar.at[wg])
+      plgpu.barrier_wait(kv_bar.at[wg])
+      ranges = _tile_ranges(q_range, k0, bk, r0, bq)
+      vec_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column of sᵀ
+
+      def visit(g, masked, i, carry):
+        dk, dv = carry
+        slot = lax.rem(g * num_q + i - lo, stages)
+        plgpu.barrier_wait(q_bar.at[slot])
+        q_tile, do_tile = q_ring.at[slot], do_ring.at[slot]
+        st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq)) * (scale * tiles.LOG2E)
+        lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
+        pt = jnp.exp2(st - _broadcast(lse, st.shape, 1))
+        if masked:  # sᵀ: dim 0 are keys, dim 1 queries
+          keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
+          pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+        plgpu.barrier_wait(do_bar.at[slot])
+        dv = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem)
+        dpt = _matmul(v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
+        delta = plgpu.load(delta_ring.at[slot], layout=vec_layout)
+        dst = pt * (dpt - _broadcast(delta, dpt.shape, 1))
+        dk = _matmul_add(dk, dst.astype(dtype), q_tile, a_smem)
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dk, dv
+
+      def skip(g, i, carry):
+        slot = lax.rem(g * num_q + i - lo, stages)
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(do_bar.at[slot])
+        plgpu.barrier_arrive(consumed.at[slot])
+        return carry
+
+      def per_head(g, carry):
+        visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
+        return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
+
+      zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
+      dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
+      k_wg[...] = (dk * scale).astype(k_wg.dtype)
+      v_wg[...] = dv.astype(v_wg.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_wg, dk_ref.at[rows])
+      plgpu.copy_smem_to_gmem(v_wg, dv_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+  scratch = [
+    plgpu.SMEM((consumers, ROWS, h), k.dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((consumers, ROWS, h), v.dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq), jnp.float32),
+    plgpu.SMEM((stages, bq), jnp.float32),
+  ]
+  if not p_in_registers:
+    scratch.append(plgpu.SMEM((consumers, ROWS, bq), dtype, transforms=_SWIZZLED))
+  scratch += [
+    plgpu.Barrier(num_arrivals=2, num_barriers=consumers),  # K, V
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # Q, lse
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
+    plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+  ]
+  call = _call(kernel, (k, v), scratch, (s // bk, kv_heads, b), ("kv", "heads", "batch"), consumers)
+  return call(q, k, v, do, lse2, delta)
+
+
+def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1:3]
+  group = n // kv_heads
+  bq, bk, stages = blocks.dq_q, blocks.dq_kv, blocks.bwd_stages
+  consumers = bq // ROWS
+  dtype = q.dtype
+  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  kv_range = functools.partial(masks.kv_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *scratch):
+    q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, *ds_smem = scratch[:-4]
+    own_bar, k_bar, v_bar, consumed = scratch[-4:]
+    wg = lax.axis_index("wg")
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    kv_head = lax.div(head, group)
+    q0 = lax.axis_index("q") * bq
+    lo, _, _, hi = kv_range(q0, bq, bk)
+
+    @pl.when(wg == consumers)
+    def _producer():
+      def fetch(step, slot):
+        cols = (batch, pl.ds((lo + step) * bk, bk), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[cols], k_ring.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[cols], v_ring.at[slot], v_bar.at[slot])
+
+      _produce(hi - lo, stages, fetch, consumed)
+
+    @pl.when(wg < consumers)
+    def _consumer():
+      r0 = q0 + wg * ROWS
+      rows, vec = (batch, pl.ds(r0, ROWS), head), (batch, head, pl.ds(r0, ROWS))
+      q_wg, do_wg = q_smem.at[wg], do_smem.at[wg]
+      a_smem = ds_smem[0].at[wg] if ds_smem else None
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_wg, own_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_wg, own_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[wg], own_bar.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[wg], own_bar.at[wg])
+      plgpu.barrier_wait(own_bar.at[wg])
+      ranges = _tile_ranges(kv_range, q0, bq, r0, bk)
+      vec_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per row of s
+      lse = _broadcast(plgpu.load(lse_smem.at[wg], layout=vec_layout), (ROWS, bk), 0)
+      delta = _broadcast(plgpu.load(delta_smem.at[wg], layout=vec_layout), (ROWS, bk), 0)
+
+      def visit(masked, i, dq):
+        slot = lax.rem(i - lo, stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+        k_tile = k_ring.at[slot]
+        sc = _matmul(q_wg, k_tile.transpose((1, 0)), (ROWS, bk)) * (scale * tiles.LOG2E)
+        p = jnp.exp2(sc - lse)
+        if masked:
+          queries, keys = _iota(sc.shape, 0) + r0, _iota(sc.shape, 1) + i * bk
+          p = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), p, 0.0)
+        plgpu.barrier_wait(v_bar.at[slot])
+        dp = _matmul(do_wg, v_ring.at[slot].transpose((1, 0)), (ROWS, bk))
+        ds = p * (dp - delta)
+        dq = _matmul_add(dq, ds.astype(dtype), k_tile, a_smem)
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dq
+
+      def skip(i, dq):
+        slot = lax.rem(i - lo, stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dq
+
+      zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
+      dq = _sweep(ranges, visit, skip, zeros, needs_mask)
+      q_wg[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_wg, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+  scratch = [
+    plgpu.SMEM((consumers, ROWS, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((consumers, ROWS, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((consumers, ROWS), jnp.float32),
+    plgpu.SMEM((consumers, ROWS), jnp.float32),
+    plgpu.SMEM((stages, bk, h), k.dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bk, h), v.dtype, transforms=_SWIZZLED),
+  ]
+  if not p_in_registers:
+    scratch.append(plgpu.SMEM((consumers, ROWS, bk), dtype, transforms=_SWIZZLED))
+  scratch += [
+    plgpu.Barrier(num_arrivals=4, num_barriers=consumers),  # Q, dO, lse, delta
+    plgpu.Barrier(num_barriers=stages),  # K
+    plgpu.Barrier(num_barriers=stages),  # V
+    plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+  ]
+  call = _call(kernel, q, scratch, (t // bq, n, b), ("q", "heads", "batch"), consumers)
+  return call(q, k, v, do, lse2, delta)
+
+
+def backward(
+  q,
+  k,
+  v,
+  do,
+  lse2,
+  delta,
+  *,
+  scale: float,
+  spec: masks.MaskSpec,
+  q_len: int,
+  kv_len: int,
+  blocks: tuning.MosaicBlocks,
+  p_in_registers: bool | None = None,
+):
+  """dq [B,T,N,H], dk, dv [B,S,K,H] in q/k/v dtypes.
+
+  Inputs are padded: ``q``, ``do`` ``[B, T, N, H]``; ``k``, ``v`` ``[B, S, K, H]``;
+  ``lse2`` ``[B, N, T]`` the base-2 log-sum-exp (``+inf`` for rows that see
+  nothing) and ``delta`` ``[B, N, T]`` = rowsum(do ⊙ out) − dlse, both float32.
+  Rows ``>= q_len`` and columns ``>= kv_len`` are masked. ``p_in_registers``:
+  feed ``pᵀ``, ``dsᵀ`` and ``ds`` to wgmma from registers (default: off the CPU
+  interpreter, which cannot).
+  """
+  interpret = jax.default_backend() == "cpu"
+  if p_in_registers is None:
+    p_in_registers = not interpret
+  static = dict(scale=scale, spec=spec, q_len=q_len, kv_len=kv_len, blocks=blocks)
+  return kernels(
+    q, k, v, do, lse2, delta, **static, p_in_registers=p_in_registers, interpret=interpret
+  )
+
+
+def kernels(
+  q, k, v, do, lse2, delta, *, scale, spec, q_len, kv_len, blocks, p_in_registers, interpret
+):
+  """backward with every choice explicit; ``interpret``: in the Mosaic GPU interpreter.
+
+  With ``interpret=False`` it also traces and lowers for CUDA on a machine without a
+  GPU (``jit(...).trace(...).lower(lowering_platforms=("cuda",))``), which checks the
+  register path as far as Mosaic GPU's lowering goes (layouts, shared memory size).
+  """
+  check(q, k, blocks)
+  lse2, delta = lse2.astype(jnp.float32), delta.astype(jnp.float32)
+  args = (q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers)
+  with plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext():
+    dk, dv = _dkv(*args)
+    dq = _dq(*args)
+  return dq, dk, dv
+
+
+backward_jit = jax.jit(
+  backward, static_argnames=("scale", "spec", "q_len", "kv_len", "blocks", "p_in_registers")
+)

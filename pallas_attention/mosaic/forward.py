@@ -1,0 +1,245 @@
+"""FlashAttention forward for Hopper in Pallas Mosaic GPU, warp-specialised.
+
+One CTA owns 128 query rows of one head and runs three warpgroups:
+
+- a producer (warpgroup 2) that copies key/value tiles by TMA into a
+  ``stages``-deep shared-memory ring, refilling a slot once both consumers have
+  released it (one "consumed" barrier per slot, two arrivals);
+- two consumers (warpgroups 0 and 1), 64 query rows each, that run both matrix
+  products on ``wgmma`` and the online softmax in registers. A two-arrival
+  schedule barrier makes them take turns on the tensor cores, so one
+  warpgroup's softmax runs while the other's products do (FlashAttention-3's
+  ping-pong).
+
+Which key tiles a CTA visits and which of them need an element-wise mask come
+from masks.kv_block_range; the mask itself is masks.visible on register tiles.
+The lengths are static here (the wrapper falls back to another implementation
+when the caller gives per-batch lengths); padded rows and columns are masked by
+them. Query tiles run last-first, so under a causal mask the longest CTAs start
+first.
+
+``p_in_registers``: on the GPU, P stays in registers as the left operand of the
+P·V ``wgmma``. The Mosaic GPU interpreter (CPU) does not take a register
+operand, so there P goes through shared memory and the product is added to the
+running output in registers. Both paths share everything else.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_attention import masks, tiles
+
+ROWS = 64  # query rows per consumer warpgroup (one wgmma M)
+CONSUMERS = 2
+CTA_ROWS = ROWS * CONSUMERS
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def interpreting() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def call(kernel_call, *args):
+  """Run a ``plgpu.kernel`` compiled on the GPU, or in the interpreter on CPU."""
+  if interpreting():
+    with plgpu.force_gpu_interpret_mode():
+      return kernel_call(*args)
+  return kernel_call(*args)
+
+
+def compiler_params():
+  return None if interpreting() else plgpu.CompilerParams(approx_math=True)
+
+
+def forward(
+  q,
+  k,
+  v,
+  *,
+  scale: float,
+  spec: masks.MaskSpec,
+  q_len: int,
+  kv_len: int,
+  block_kv: int = 128,
+  stages: int = 2,
+  schedule: bool = True,
+  p_in_registers: bool | None = None,
+):
+  """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32, -inf for empty rows).
+
+  ``T`` must be a multiple of 128, ``S`` of ``block_kv``, ``H`` one of 64, 128,
+  256; bf16 or f16. Rows ``>= q_len`` and columns ``>= kv_len`` are masked.
+  """
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  if t % CTA_ROWS or s % block_kv or h not in (64, 128, 256):
+    raise ValueError(f"mosaic forward: T={t} % {CTA_ROWS}, S={s} % {block_kv}, H={h}")
+  groups = n // kv_heads
+  num_q_tiles = t // CTA_ROWS
+  dtype = q.dtype
+  if p_in_registers is None:
+    p_in_registers = not interpreting()
+  log2_scale = scale * tiles.LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch):
+    qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free, turn = scratch[:10]
+    p_smem = None if p_in_registers else scratch[10]
+    wg = lax.axis_index("wg")
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    kv_head = lax.div(head, jnp.array(groups, head.dtype))
+    cta_start = (num_q_tiles - 1 - lax.axis_index("q")) * CTA_ROWS
+    lo, _, _, hi = masks.kv_block_range(cta_start, CTA_ROWS, block_kv, spec, q_len, kv_len)
+    num_steps = hi - lo
+
+    def take_turn():
+      if schedule:
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+      if not interpreting():
+        plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(step, slot):
+        cols = (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
+
+      for slot in range(stages):
+        pl.when(slot < num_steps)(lambda slot=slot: fetch(slot, slot))
+
+      def refill(step, carry):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        cols = (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
+        return carry
+
+      lax.fori_loop(jnp.minimum(stages, num_steps), num_steps, refill, 0)
+
+      # Observe the consumers' last releases, so that every barrier phase has
+      # been seen by each warpgroup that waits on it (the interpreter checks).
+      def drain(step, carry):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        return carry
+
+      lax.fori_loop(jnp.maximum(num_steps - stages, 0), num_steps, drain, 0)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+      if not interpreting():
+        plgpu.set_max_registers(232, action="increase")
+      q_smem = qo_smem.at[wg]
+      q_start = cta_start + wg * ROWS
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, ROWS), head], q_smem, q_bars.at[wg])
+      _, full_lo, full_hi, _ = masks.kv_block_range(q_start, ROWS, block_kv, spec, q_len, kv_len)
+      full_lo = jnp.clip(full_lo, lo, hi)
+      full_hi = jnp.clip(full_hi, full_lo, hi)
+      plgpu.barrier_wait(q_bars.at[wg])
+
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_layout)
+      denom = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+      acc = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(j, carry, masked: bool):
+        m, denom, acc = carry
+        slot = lax.rem(j - lo, jnp.array(stages, j.dtype))
+        plgpu.barrier_wait(k_bars.at[slot])
+
+        def scores(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          take_turn()
+          return acc_ref[...]
+
+        sc = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        sc = sc * log2_scale
+        if masked:
+          shape, layout = (ROWS, block_kv), plgpu.Layout.WGMMA
+          rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout) + q_start
+          cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout) + j * block_kv
+          sc = jnp.where(masks.visible(rows, cols, spec, q_len, kv_len), sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=1))
+        # A row that has seen only masked columns keeps m = -inf: shift by 0.
+        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_shift)
+        p = jnp.exp2(sc - lax.broadcast_in_dim(m_shift, sc.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        denom = denom * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        if schedule:
+          plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(v_bars.at[slot])
+        if schedule:
+          plgpu.barrier_wait(turn)
+        if p_in_registers:
+
+          def values(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+          acc = pl.run_state(values)(plgpu.ACC.init(acc))
+        else:
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+
+          def values(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+            return acc_ref[...]
+
+          acc = acc + pl.run_scoped(values, plgpu.ACC((ROWS, h), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return m_new, denom, acc
+
+      pl.when(wg == 1)(take_turn)
+      carry = (m, denom, acc)
+      carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
+      carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
+      m, denom, acc = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+      pl.when(wg == 0)(take_turn)
+
+      empty = denom == 0.0
+      safe = jnp.where(empty, 1.0, denom)
+      inv = 1.0 / safe
+      q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+  scratch = [
+    plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED),  # Q, then O
+    plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
+    plgpu.Barrier(num_barriers=CONSUMERS),
+    plgpu.Barrier(num_barriers=stages),
+    plgpu.Barrier(num_barriers=stages),
+    plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=CONSUMERS),
+  ]
+  if not p_in_registers:
+    scratch.append(plgpu.SMEM((CONSUMERS, ROWS, block_kv), dtype, transforms=_SWIZZLED))
+  kernel_call = plgpu.kernel(
+    kernel,
+    out_type=[q, jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
+    grid=(num_q_tiles, n, b),
+    grid_names=("q", "heads", "batch"),
+    num_threads=CONSUMERS + 1,
+    thread_name="wg",
+    scratch_types=scratch,
+    compiler_params=compiler_params(),
+  )
+  return call(kernel_call, q, k, v)
