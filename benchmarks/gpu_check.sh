@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine should run, in one call of the device tool:
-#   benchmarks/gpu_check.sh [tests] [bench] [memory] [tune]   (default: tests bench memory)
+#   benchmarks/gpu_check.sh [tests] [bench] [memory] [tune] [tune-mosaic]   (default: tests bench memory)
 # Logs and JSON go to $OUT (or ./gpu_out); the last lines printed are the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,11 @@ for step in "${steps[@]}"; do
       python3 benchmarks/tune_triton.py --head-dims ${TUNE_HEAD_DIMS:-64 256} --seqlen 16384 \
         > "$out/tune.log" 2>&1
       grep -A1 BEST "$out/tune.log" ;;
+    tune-mosaic)
+      python3 benchmarks/tune_mosaic.py --head-dims ${TUNE_HEAD_DIMS:-64 128 256} \
+        --seqlen ${TUNE_SEQLEN:-4096} --causal ${TUNE_CAUSAL:-both} > "$out/tune_mosaic.log" 2>&1
+      echo "tune-mosaic: exit $?" >> "$out/summary.txt"
+      grep BEST "$out/tune_mosaic.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -109,3 +109,25 @@ def mosaic_blocks(head_dim: int, causal: bool = False) -> MosaicBlocks:
   """Default Mosaic blocks for a head dim of 64, 128 or 256 (after padding)."""
   del causal  # one table for both until measurements say otherwise
   return _MOSAIC[head_dim]
+
+
+def mosaic_candidates(head_dim: int, part: str) -> list[MosaicBlocks]:
+  """What the opt-in autotuner tries for a head dim; ``part`` is "fwd" or "bwd".
+
+  Each candidate changes only that part's fields of the table entry, so the two
+  parts can be tuned one after the other. Candidates that do not fit in shared
+  memory fail to compile and are skipped by the autotuner.
+  """
+  base = mosaic_blocks(head_dim)
+  if part == "fwd":
+    return [
+      dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages)
+      for kv in (64, 128)
+      for stages in (2, 3)
+    ]
+  return [
+    dataclasses.replace(base, dkv_q=dkv_q, dkv_kv=dkv_kv, dq_q=dq_q, dq_kv=dq_kv, bwd_stages=st)
+    for dkv_q, dkv_kv in ((64, 64), (64, 128), (128, 128))
+    for dq_q, dq_kv in ((64, 64), (128, 64))
+    for st in (2, 3)
+  ]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import IMPLEMENTATIONS, TOLERANCE, normal, reference_with_grads, rel_err
+from conftest import IMPLEMENTATIONS, ON_GPU, TOLERANCE, normal, reference_with_grads, rel_err
 
 from pallas_attention import flash_attention
 
@@ -110,9 +110,52 @@ def _inputs(case: Case, rng):
   return q, k, v, cotangent, bias, mask, options
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# Cases the mosaic kernels run in the CPU interpreter (each takes seconds there);
+# on the GPU every case runs for mosaic.
+MOSAIC_ON_CPU = {
+  "plain",
+  "causal",
+  "odd_lengths_causal",
+  "t_gt_s_causal",
+  "gqa",
+  "head_dim_40",
+  "window",
+  "empty_rows_window",
+  "bf16_causal",
+  "f16_gqa",
+  "lengths",
+  "bias_full",
+}
+
+
+def _mosaic_case(case: Case) -> Case | None:
+  """The case as the mosaic kernels see it: float32 runs in bfloat16 (they serve
+  only 16-bit floats); None where they do not serve the call (bias, mask,
+  per-batch lengths), which the test checks falls through to triton instead."""
+  if not ON_GPU and case.name not in MOSAIC_ON_CPU:
+    pytest.skip("mosaic runs this case on the GPU only (interpreter time)")
+  served = case.bias_shape is None and case.mask_shape is None
+  served = served and not any("lengths" in name for name in case.options)
+  if not served:
+    return None
+  if case.dtype == jnp.float32:
+    return dataclasses.replace(case, dtype=jnp.bfloat16)
+  return case
+
+
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "mosaic"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_reference(case: Case, implementation: str, rng):
+  if implementation == "mosaic":
+    served = _mosaic_case(case)
+    if served is None:
+      q, k, v, _, bias, mask, options = _inputs(case, rng)
+      q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+      with pytest.raises(NotImplementedError, match="mosaic"):
+        flash_attention(q, k, v, bias, mask, implementation="mosaic", **options)
+      implementation = ("mosaic", "triton")  # and the fallback gives the right answer
+    else:
+      case = served
   q, k, v, cotangent, bias, mask, options = _inputs(case, rng)
   ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, cotangent, bias, mask=mask, **options)
 
@@ -204,7 +247,7 @@ def test_agrees_with_jax_nn(implementation, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "mosaic"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_protocol_shape(implementation, causal, rng):
   """A benchmark-sized bf16 call (T = S = 2048, H = 128) against the reference."""

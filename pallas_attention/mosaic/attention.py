@@ -12,10 +12,13 @@ interpreter (slow; for tests).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from pallas_attention import tuning
+from pallas_attention import autotune, tuning
 from pallas_attention.mosaic import forward as fwd
 from pallas_attention.problem import Problem, pad_axis, round_up
 
@@ -54,16 +57,55 @@ def head_dim_extent(h: int) -> int:
   return next(d for d in HEAD_DIMS if d >= h)
 
 
-def blocks(problem: Problem, h_pad: int) -> tuning.MosaicBlocks:
-  return problem.config or tuning.mosaic_blocks(h_pad, problem.spec.causal)
+def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.MosaicBlocks:
+  """The blocks for one call: the Problem's config, the autotuner's choice (opt-in,
+  see autotune.py) or the package table.
+
+  ``part`` ("fwd" or "bwd") says which fields the caller uses; the autotuner
+  times forward and backward candidates separately, each on this call's shapes.
+  """
+  h_pad = head_dim_extent(q_shape[3])
+  default = tuning.mosaic_blocks(h_pad, problem.spec.causal)
+  if problem.config is not None:
+    return problem.config
+  if not autotune.enabled() or jax.default_backend() != "gpu":
+    return default
+  candidates = tuning.mosaic_candidates(h_pad, part)
+  key = dict(
+    q=tuple(q_shape), kv=tuple(kv_shape), dtype=jnp.dtype(dtype).name, spec=problem.spec, part=part
+  )
+
+  def make_run(config):
+    problem_c = dataclasses.replace(problem, config=config)
+    rng = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(rng[0], q_shape, dtype)
+    k, v = (jax.random.normal(r, kv_shape, dtype) for r in rng[1:3])
+    fn = jax.jit(functools.partial(forward, problem_c))
+    if part == "fwd":
+      return lambda: fn(q, k, v, None, None, None, None)
+    out, lse2 = fn(q, k, v, None, None, None, None)
+    do = jax.random.normal(rng[3], q_shape, dtype)
+    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+    bwd = jax.jit(functools.partial(backward, problem_c))
+    return lambda: bwd(q, k, v, None, None, None, None, do, lse2, delta)
+
+  return autotune.choose(
+    "mosaic_" + part,
+    key,
+    candidates,
+    make_run,
+    default=default,
+    to_json=dataclasses.asdict,
+    from_json=lambda entry: tuning.MosaicBlocks(**entry),
+  )
 
 
-def _extents(problem: Problem, t: int, s: int, h: int):
+def _extents(t: int, s: int, h: int, config: tuning.MosaicBlocks, part: str):
   h_pad = head_dim_extent(h)
-  config = blocks(problem, h_pad)
-  t_pad = round_up(t, max(fwd.CTA_ROWS, config.dkv_q, config.dq_q))
-  s_pad = round_up(s, max(config.fwd_kv, config.dkv_kv, config.dq_kv))
-  return h_pad, t_pad, s_pad, config
+  if part == "fwd":
+    return h_pad, round_up(t, fwd.CTA_ROWS), round_up(s, config.fwd_kv)
+  t_pad = round_up(t, max(config.dkv_q, config.dq_q))
+  return h_pad, t_pad, round_up(s, max(config.dkv_kv, config.dq_kv))
 
 
 def _pad(x, seq: int, h_pad: int):
@@ -74,7 +116,8 @@ def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32)."""
   del bias, mask, q_len, kv_len  # supports() admits only the static full lengths
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
-  h_pad, t_pad, s_pad, config = _extents(problem, t, s, h)
+  config = blocks(problem, q.shape, k.shape, q.dtype, "fwd")
+  h_pad, t_pad, s_pad = _extents(t, s, h, config, "fwd")
   out, lse2 = fwd.forward(
     _pad(q, t_pad, h_pad),
     _pad(k, s_pad, h_pad),
@@ -95,7 +138,8 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
 
   del bias, mask, q_len, kv_len
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
-  h_pad, t_pad, s_pad, config = _extents(problem, t, s, h)
+  config = blocks(problem, q.shape, k.shape, q.dtype, "bwd")
+  h_pad, t_pad, s_pad = _extents(t, s, h, config, "bwd")
   # Padded rows: no gradient flows in (do = 0) and p = exp2(s - inf) = 0.
   lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, t_pad - t)), constant_values=jnp.inf)
   dq, dk, dv = bwd.backward(

@@ -75,21 +75,36 @@ def _matmul(a, b, shape):
   return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
-def _matmul_add(acc, a, b, a_smem):
+def _matmul_add(acc, a, b, a_smem, also=None):
   """``acc + a @ b``: ``a`` a 16-bit register tile, ``b`` in shared memory.
 
   ``a_smem`` None: ``a`` is the wgmma's register operand and ``acc`` its
   accumulator. Otherwise ``a`` goes through ``a_smem`` first (the interpreter path).
+  ``also``: ``(a2, b2, shape)`` of a shared-memory product issued in the same wgmma
+  group (one wait for both); then ``(acc + a @ b, a2 @ b2)`` is returned.
   """
+  shapes = [acc.shape] if also is None else [acc.shape, also[2]]
+
+  def issue(refs):
+    plgpu.wgmma(refs[0], a if a_smem is None else a_smem, b)
+    if also is not None:
+      plgpu.wgmma(refs[1], also[0], also[1])
+
   if a_smem is None:
+    inits = [acc] + [jnp.zeros(shape, jnp.float32) for shape in shapes[1:]]
+    inits = [plgpu.layout_cast(x, plgpu.Layout.WGMMA) for x in inits]
+    out = pl.run_state(issue)(tuple(plgpu.ACC.init(x) for x in inits))
+  else:
+    a_smem[...] = a
+    plgpu.commit_smem()
 
-    def accumulate(acc_ref):
-      plgpu.wgmma(acc_ref, a, b)
+    def issue_and_read(*refs):
+      issue(refs)
+      return tuple(ref[...] for ref in refs)
 
-    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-  a_smem[...] = a
-  plgpu.commit_smem()
-  return acc + _matmul(a_smem, b, acc.shape)
+    out = pl.run_scoped(issue_and_read, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
+    out = (acc + out[0], *out[1:])
+  return out[0] if also is None else out
 
 
 def _broadcast(x, shape, dim):
@@ -122,8 +137,14 @@ def _sweep(ranges, visit, skip, carry, needs_mask: bool):
   if not needs_mask:
     return lax.fori_loop(lo, hi, plain, carry)
   masked = functools.partial(visit, True)
-  runs = ((lo, c_lo, skip), (c_lo, f_lo, masked), (f_lo, f_hi, plain))
-  for start, stop, body in (*runs, (f_hi, c_hi, masked), (c_hi, hi, skip)):
+  runs = [
+    (lo, c_lo, skip),
+    (c_lo, f_lo, masked),
+    (f_lo, f_hi, plain),
+    (f_hi, c_hi, masked),
+    (c_hi, hi, skip),
+  ]
+  for start, stop, body in runs:
     carry = lax.fori_loop(start, stop, body, carry)
   return carry
 
@@ -217,8 +238,8 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
           keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
           pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
         plgpu.barrier_wait(do_bar.at[slot])
-        dv = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem)
-        dpt = _matmul(v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
+        dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
+        dv, dpt = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem, also=dpt_product)
         delta = plgpu.load(delta_ring.at[slot], layout=vec_layout)
         dst = pt * (dpt - _broadcast(delta, dpt.shape, 1))
         dk = _matmul_add(dk, dst.astype(dtype), q_tile, a_smem)
@@ -306,21 +327,21 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
       plgpu.barrier_wait(own_bar.at[wg])
       ranges = _tile_ranges(kv_range, q0, bq, r0, bk)
       vec_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per row of s
-      lse = _broadcast(plgpu.load(lse_smem.at[wg], layout=vec_layout), (ROWS, bk), 0)
-      delta = _broadcast(plgpu.load(delta_smem.at[wg], layout=vec_layout), (ROWS, bk), 0)
+      lse = plgpu.load(lse_smem.at[wg], layout=vec_layout)
+      delta = plgpu.load(delta_smem.at[wg], layout=vec_layout)
 
       def visit(masked, i, dq):
         slot = lax.rem(i - lo, stages)
         plgpu.barrier_wait(k_bar.at[slot])
         k_tile = k_ring.at[slot]
         sc = _matmul(q_wg, k_tile.transpose((1, 0)), (ROWS, bk)) * (scale * tiles.LOG2E)
-        p = jnp.exp2(sc - lse)
+        p = jnp.exp2(sc - _broadcast(lse, sc.shape, 0))
         if masked:
           queries, keys = _iota(sc.shape, 0) + r0, _iota(sc.shape, 1) + i * bk
           p = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), p, 0.0)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _matmul(do_wg, v_ring.at[slot].transpose((1, 0)), (ROWS, bk))
-        ds = p * (dp - delta)
+        ds = p * (dp - _broadcast(delta, dp.shape, 0))
         dq = _matmul_add(dq, ds.astype(dtype), k_tile, a_smem)
         plgpu.barrier_arrive(consumed.at[slot])
         return dq

@@ -1,0 +1,65 @@
+"""Sweep the Mosaic GPU kernels' blocks on the current GPU: forward and backward timed alone.
+
+The candidates are tuning.mosaic_candidates (the same the opt-in autotuner tries).
+Prints, per head dim and causal, each candidate's TFLOP/s (protocol shapes, bf16),
+best first, then a line ``BEST ...`` per part. Winners go into tuning.py by hand.
+
+    python benchmarks/tune_mosaic.py --head-dims 64 128 256 --seqlen 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from bench import flops, inputs, time_fn
+
+from pallas_attention import masks, tiles, tuning
+from pallas_attention.mosaic import attention as mosaic
+from pallas_attention.problem import Problem
+
+
+def _timer(blocks, seqlen, head_dim, causal, part):
+  q, k, v, do = inputs(seqlen, head_dim)
+  problem = Problem(head_dim**-0.5, masks.MaskSpec(causal=causal), "mosaic", blocks)
+  forward = jax.jit(lambda q, k, v: mosaic.forward(problem, q, k, v, None, None, None, None))
+  if part == "fwd":
+    return time_fn(forward, (q, k, v))
+  out, lse2 = forward(q, k, v)
+  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  lse2 = tiles.backward_lse(lse2)
+  backward = jax.jit(lambda *a: mosaic.backward(problem, q, k, v, None, None, None, None, *a))
+  return time_fn(backward, (do, lse2, delta))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+  parser.add_argument("--seqlen", type=int, default=4096)
+  parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+  parser.add_argument("--parts", nargs="+", default=["fwd", "bwd"])
+  opts = parser.parse_args()
+  causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, seqlen {opts.seqlen}")
+  for head_dim in opts.head_dims:
+    for causal in causals:
+      for part in opts.parts:
+        work = flops(opts.seqlen, head_dim, causal, False) * (1.0 if part == "fwd" else 2.5)
+        rows = []
+        for blocks in tuning.mosaic_candidates(head_dim, part):
+          try:
+            seconds = _timer(blocks, opts.seqlen, head_dim, causal, part)
+            rows.append((work / seconds / 1e12, blocks))
+          except Exception as err:  # noqa: BLE001 -- a sweep records failures and goes on
+            print(f"  fail {blocks}: {str(err).splitlines()[0][:100]}", flush=True)
+        rows.sort(key=lambda r: -r[0])
+        for tflops, blocks in rows:
+          print(f"  {part} hd={head_dim} causal={causal}: {tflops:6.1f} TFLOP/s {blocks}")
+        if rows:
+          print(f"BEST {part} hd={head_dim} causal={causal}: {rows[0][0]:.1f} {rows[0][1]}")
+          print(f"  table entry {tuning.mosaic_blocks(head_dim)}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,130 @@
+"""The Mosaic GPU backward kernels (dK/dV and dQ) against the float64 reference.
+
+On CPU they run in the Mosaic GPU interpreter, which only takes wgmma's left
+operand from shared memory (``p_in_registers=False``); the register path is
+lowered for CUDA here and run on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ON_GPU, normal, reference_with_grads, rel_err
+
+from pallas_attention import masks, tuning
+from pallas_attention.mosaic import backward as mosaic_bwd
+from pallas_attention.tiles import LN2
+
+MB = tuning.MosaicBlocks
+# Two consumer warpgroups per CTA in both kernels, a three-deep ring, mixed tiles.
+WIDE = MB(128, 2, 64, 128, 128, 64, 3)
+TALL = MB(128, 2, 128, 128, 128, 128, 1)
+
+
+def _inputs(rng, b, t, s, n, kv_heads, h, dtype, q_len):
+  q, do = (normal(rng, (b, t, n, h), dtype) for _ in range(2))
+  k, v = (normal(rng, (b, s, kv_heads, h), dtype) for _ in range(2))
+  return q, k, v, do.at[:, q_len:].set(0)  # padded rows carry no cotangent
+
+
+def _check(rng, b, t, s, n, kv_heads, h, spec, q_len=None, kv_len=None, blocks=None, **kw):
+  dtype = kw.pop("dtype", jnp.bfloat16)
+  q_len, kv_len = q_len or t, kv_len or s
+  q, k, v, do = _inputs(rng, b, t, s, n, kv_heads, h, dtype, q_len)
+  window = None
+  if spec.window_left is not None or spec.window_right is not None:
+    window = (spec.window_left, spec.window_right)
+  out, lse, (dq, dk, dv) = reference_with_grads(
+    q,
+    k,
+    v,
+    do,
+    is_causal=spec.causal,
+    local_window_size=window,
+    query_seq_lengths=jnp.full((b,), q_len),
+    key_value_seq_lengths=jnp.full((b,), kv_len),
+  )
+  lse2 = np.where(lse == -np.inf, np.inf, lse / LN2).astype(np.float32)
+  delta = np.einsum("btnh,btnh->bnt", np.asarray(do, np.float64), out).astype(np.float32)
+  got = mosaic_bwd.backward_jit(
+    q,
+    k,
+    v,
+    do,
+    jnp.asarray(lse2),
+    jnp.asarray(delta),
+    scale=1 / math.sqrt(h),
+    spec=spec,
+    q_len=q_len,
+    kv_len=kv_len,
+    blocks=blocks or tuning.mosaic_blocks(h),
+    **kw,
+  )
+  for name, actual, expected, like in zip("qkv", got, (dq, dk, dv), (q, k, v), strict=True):
+    assert actual.shape == like.shape and actual.dtype == like.dtype, name
+    assert rel_err(actual, expected) < 2e-2, name
+
+
+@pytest.mark.parametrize(
+  "b,t,s,n,kv_heads,h,spec,lengths,blocks",
+  [
+    (2, 128, 128, 2, 2, 64, masks.MaskSpec(), None, None),
+    (1, 256, 256, 2, 1, 64, masks.MaskSpec(True), None, None),
+    (1, 128, 192, 4, 2, 64, masks.MaskSpec(True), None, None),  # GQA, S > T
+    (1, 192, 256, 2, 1, 64, masks.MaskSpec(False, 40, 17), None, None),
+    # Padding: query tile 3 and key tiles 2, 3 see nothing (empty CTAs).
+    (1, 256, 256, 2, 1, 64, masks.MaskSpec(True), (150, 100), None),
+    (1, 128, 128, 2, 1, 128, masks.MaskSpec(True), None, None),
+    (1, 256, 256, 4, 2, 64, masks.MaskSpec(True), (200, 230), WIDE),
+    (1, 256, 256, 2, 1, 64, masks.MaskSpec(False, 40, 17), None, TALL),
+  ],
+  ids=["plain", "causal", "gqa", "window", "lengths", "h128", "wide", "tall"],
+)
+def test_backward_matches_reference(b, t, s, n, kv_heads, h, spec, lengths, blocks, rng):
+  q_len, kv_len = lengths or (None, None)
+  _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, blocks)
+
+
+def test_backward_through_shared_memory(rng):
+  """``p_in_registers=False`` explicitly (the only path the interpreter runs)."""
+  spec = masks.MaskSpec(True, 70, None)
+  _check(rng, 1, 128, 128, 4, 1, 64, spec, dtype=jnp.float16, p_in_registers=False)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
+@pytest.mark.parametrize("h,blocks", [(64, None), (128, TALL), (256, None)])
+def test_register_path_lowers_for_cuda(h, blocks):
+  """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit."""
+  blocks = blocks or tuning.mosaic_blocks(h)
+  b, t, n, kv_heads = 1, 256, 4, 2
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv_heads, h), jnp.bfloat16)
+  vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
+  static = dict(scale=0.1, spec=masks.MaskSpec(True, 100, None), q_len=200, kv_len=t)
+  call = functools.partial(
+    mosaic_bwd.kernels, **static, blocks=blocks, p_in_registers=True, interpret=False
+  )
+  lowered = jax.jit(call).trace(q, k, k, q, vec, vec).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_unsupported_inputs_raise(rng):
+  blocks = tuning.mosaic_blocks(64)
+  q = normal(rng, (1, 100, 1, 64), jnp.bfloat16)
+  vec = jnp.zeros((1, 1, 100), jnp.float32)
+  call = functools.partial(
+    mosaic_bwd.backward, scale=0.125, spec=masks.MaskSpec(), q_len=100, kv_len=100
+  )
+  with pytest.raises(ValueError, match="multiples"):
+    call(q, q, q, q, vec, vec, blocks=blocks)
+  q32 = normal(rng, (1, 128, 1, 64))
+  with pytest.raises(NotImplementedError, match="dtype"):
+    call(q32, q32, q32, q32, vec, vec, blocks=blocks)
+  q96 = normal(rng, (1, 128, 1, 96), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="head dim"):
+    call(q96, q96, q96, q96, vec, vec, blocks=blocks)
