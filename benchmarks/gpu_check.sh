@@ -35,7 +35,8 @@ for step in "${steps[@]}"; do
       grep -A1 BEST "$out/tune.log" ;;
     tune-mosaic)
       python3 benchmarks/tune_mosaic.py --head-dims ${TUNE_HEAD_DIMS:-64 128 256} \
-        --seqlen ${TUNE_SEQLEN:-4096} --causal ${TUNE_CAUSAL:-both} > "$out/tune_mosaic.log" 2>&1
+        --seqlen ${TUNE_SEQLEN:-4096} --causal ${TUNE_CAUSAL:-both} --parts ${TUNE_PARTS:-fwd bwd} \
+        > "$out/tune_mosaic.log" 2>&1
       echo "tune-mosaic: exit $?" >> "$out/summary.txt"
       grep BEST "$out/tune_mosaic.log" ;;
     *) echo "unknown step $step"; exit 2 ;;

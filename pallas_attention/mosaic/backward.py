@@ -168,6 +168,15 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
+def _registers(role: str) -> None:
+  """Move registers from the producer to the consumers (warp specialisation's point:
+  the consumers hold two float32 accumulators and the score tiles)."""
+  if role == "producer":
+    plgpu.set_max_registers(24, action="decrease")
+  else:
+    plgpu.set_max_registers(240, action="increase")
+
+
 def _call(body, out_type, scratch, grid, grid_names, consumers):
   return plgpu.kernel(
     body,
@@ -202,6 +211,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
 
     @pl.when(wg == consumers)
     def _producer():
+      _registers("producer")
       def fetch(step, slot):
         g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
         q0 = (lo + step - g * num_q) * bq
@@ -216,6 +226,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
 
     @pl.when(wg < consumers)
     def _consumer():
+      _registers("consumer")
       r0 = k0 + wg * ROWS
       rows = (batch, pl.ds(r0, ROWS), kv_head)
       k_wg, v_wg = k_smem.at[wg], v_smem.at[wg]
@@ -307,6 +318,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
 
     @pl.when(wg == consumers)
     def _producer():
+      _registers("producer")
       def fetch(step, slot):
         cols = (batch, pl.ds((lo + step) * bk, bk), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[cols], k_ring.at[slot], k_bar.at[slot])
@@ -316,6 +328,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
 
     @pl.when(wg < consumers)
     def _consumer():
+      _registers("consumer")
       r0 = q0 + wg * ROWS
       rows, vec = (batch, pl.ds(r0, ROWS), head), (batch, head, pl.ds(r0, ROWS))
       q_wg, do_wg = q_smem.at[wg], do_smem.at[wg]
