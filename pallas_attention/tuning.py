@@ -96,11 +96,12 @@ class MosaicBlocks:
   bwd_stages: int
 
 
-# head_dim (64, 128 or 256) -> blocks, bf16/f16. Provisional until the H100
-# sweep of the mosaic issue fills it in (benchmarks/RESULTS.md).
+# head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096
+# (benchmarks/tune_mosaic.py; logs in benchmarks/results/h100_tune_mosaic_*.log).
+# Head dim 256: the only backward blocks that fit in shared memory.
 _MOSAIC = {
-  64: MosaicBlocks(128, 2, 64, 64, 64, 64, 2),
-  128: MosaicBlocks(128, 2, 64, 64, 64, 64, 2),
+  64: MosaicBlocks(128, 2, 128, 128, 128, 64, 3),
+  128: MosaicBlocks(128, 2, 64, 128, 128, 64, 2),
   256: MosaicBlocks(64, 2, 64, 64, 64, 64, 2),
 }
 
