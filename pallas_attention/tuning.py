@@ -106,6 +106,14 @@ _MOSAIC = {
 }
 
 
+# In the Mosaic GPU interpreter (CPU) every warpgroup is a thread blocked in barrier
+# waits inside an XLA CPU callback, and XLA's CPU thread pool has one thread per core:
+# on a 2-core machine a backward kernel with two consumer warpgroups and a producer
+# hung. The interpreter gets one consumer per backward kernel (the forward always has
+# two, and ran reliably there).
+MOSAIC_INTERPRETER = MosaicBlocks(128, 2, 64, 64, 64, 64, 2)
+
+
 def mosaic_blocks(head_dim: int, causal: bool = False) -> MosaicBlocks:
   """Default Mosaic blocks for a head dim of 64, 128 or 256 (after padding)."""
   del causal  # one table for both until measurements say otherwise

@@ -68,6 +68,8 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
   default = tuning.mosaic_blocks(h_pad, problem.spec.causal)
   if problem.config is not None:
     return problem.config
+  if jax.default_backend() == "cpu":
+    return tuning.MOSAIC_INTERPRETER
   if not autotune.enabled() or jax.default_backend() != "gpu":
     return default
   candidates = tuning.mosaic_candidates(h_pad, part)

@@ -212,6 +212,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
     @pl.when(wg == consumers)
     def _producer():
       _registers("producer")
+
       def fetch(step, slot):
         g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
         q0 = (lo + step - g * num_q) * bq
@@ -319,6 +320,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
     @pl.when(wg == consumers)
     def _producer():
       _registers("producer")
+
       def fetch(step, slot):
         cols = (batch, pl.ds((lo + step) * bk, bk), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[cols], k_ring.at[slot], k_bar.at[slot])
