@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import IMPLEMENTATIONS, normal, rel_err
+from conftest import IMPLEMENTATIONS, ON_GPU, normal, rel_err
 
 from pallas_attention import core, flash_attention
 
@@ -173,9 +173,11 @@ def test_unbatched(qkv, implementation):
   np.testing.assert_allclose(lse, ref_lse[0], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "mosaic"])
 def test_jit_vmap_grad_checkpoint(qkv, implementation):
   q, k, v = qkv
+  if implementation == "mosaic":  # 16-bit floats only
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv)
   call = lambda q, k, v: flash_attention(q, k, v, is_causal=True, implementation=implementation)
   eager = call(q, k, v)
   np.testing.assert_allclose(jax.jit(call)(q, k, v), eager, rtol=1e-6, atol=1e-6)
@@ -184,11 +186,14 @@ def test_jit_vmap_grad_checkpoint(qkv, implementation):
 
   loss = lambda q, k, v: jnp.sum(jnp.sin(call(q, k, v)))
   grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
   vmapped = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(q[:, None], k[:, None], v[:, None])
-  for g, r, vm in zip(grads, remat, vmapped, strict=True):
-    assert rel_err(r, g) < 1e-5
+  for g, vm in zip(grads, vmapped, strict=True):
     assert rel_err(vm[:, 0], g) < 1e-5
+  if implementation == "mosaic" and not ON_GPU:
+    return  # the interpreter's kernels carry IO effects, which jax.checkpoint rejects
+  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+  for g, r in zip(grads, remat, strict=True):
+    assert rel_err(r, g) < 1e-5
 
 
 def test_compiles_once_per_static_configuration(rng):

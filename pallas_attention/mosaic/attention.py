@@ -114,9 +114,38 @@ def _pad(x, seq: int, h_pad: int):
   return pad_axis(pad_axis(x, 3, h_pad), 1, seq)
 
 
+def _fold_vmap(fn):
+  """``fn(*arrays)``, every array batched on axis 0, with ``vmap`` folded into that axis.
+
+  The kernels' grid already runs over the batch, so a vmapped call becomes one call
+  with a larger batch (unbatched arguments are broadcast first) instead of going
+  through Pallas' generic batching rule, which the interpreter does not take.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def folded(*args):
+    return fn(*args)
+
+  @folded.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = [
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip(args, in_batched, strict=True)
+    ]
+    outs = folded(*(x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in args))
+    outs = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), outs)
+    return outs, jax.tree.map(lambda _: True, outs)
+
+  return folded
+
+
 def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32)."""
   del bias, mask, q_len, kv_len  # supports() admits only the static full lengths
+  return _fold_vmap(functools.partial(_forward, problem))(q, k, v)
+
+
+def _forward(problem: Problem, q, k, v):
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   config = blocks(problem, q.shape, k.shape, q.dtype, "fwd")
   h_pad, t_pad, s_pad = _extents(t, s, h, config, "fwd")
@@ -136,9 +165,13 @@ def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
 
 def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, delta):
   """``dq, dk, dv`` (see core._attention_bwd for lse2 and delta)."""
+  del bias, mask, q_len, kv_len
+  return _fold_vmap(functools.partial(_backward, problem))(q, k, v, do, lse2, delta)
+
+
+def _backward(problem: Problem, q, k, v, do, lse2, delta):
   from pallas_attention.mosaic import backward as bwd
 
-  del bias, mask, q_len, kv_len
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   config = blocks(problem, q.shape, k.shape, q.dtype, "bwd")
   h_pad, t_pad, s_pad = _extents(t, s, h, config, "bwd")
