@@ -33,6 +33,31 @@ def _timer(blocks, seqlen, head_dim, causal, part):
   return time_fn(backward, (do, lse2, delta))
 
 
+def split_times(head_dim, seqlen, causal):
+  """Milliseconds of the forward, the dK/dV kernel and the dQ kernel with the table's blocks."""
+  from pallas_attention.mosaic import backward as bwd
+  from pallas_attention.mosaic import forward as fwd
+
+  q, k, v, do = inputs(seqlen, head_dim)
+  blocks = tuning.mosaic_blocks(head_dim)
+  spec = masks.MaskSpec(causal=causal)
+  static = dict(scale=head_dim**-0.5, spec=spec, q_len=seqlen, kv_len=seqlen)
+  forward = jax.jit(
+    lambda q, k, v: fwd.forward(q, k, v, **static, block_kv=blocks.fwd_kv, stages=blocks.fwd_stages)
+  )
+  out, lse2 = forward(q, k, v)
+  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  args = (q, k, v, do, lse2, delta)
+  common = (static["scale"], spec, seqlen, seqlen, blocks, True)
+  dkv = jax.jit(lambda *a: bwd._dkv(*a, *common))
+  dq = jax.jit(lambda *a: bwd._dq(*a, *common))
+  return {
+    "fwd": time_fn(forward, (q, k, v)) * 1e3,
+    "dkv": time_fn(dkv, args) * 1e3,
+    "dq": time_fn(dq, args) * 1e3,
+  }
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
@@ -41,6 +66,20 @@ def main():
   parser.add_argument("--parts", nargs="+", default=["fwd", "bwd"])
   opts = parser.parse_args()
   causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
+  if opts.parts == ["split"]:
+    for head_dim in opts.head_dims:
+      for causal in causals:
+        ms = split_times(head_dim, opts.seqlen, causal)
+        # Tile products each kernel runs, each 2·B·T·S·N·H FLOPs (halved when causal):
+        # forward QKᵀ, PV; dK/dV KQᵀ, VdOᵀ, PᵀdO, dSᵀQ; dQ QKᵀ, dOVᵀ, dSK.
+        product = flops(opts.seqlen, head_dim, causal, False) / 2
+        products = {"fwd": 2, "dkv": 4, "dq": 3}
+        cells = ", ".join(
+          f"{name} {t:.2f} ms ({products[name] * product / t / 1e9:.0f} TFLOP/s of products)"
+          for name, t in ms.items()
+        )
+        print(f"SPLIT hd={head_dim} causal={causal} seqlen={opts.seqlen}: {cells}", flush=True)
+    return
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, seqlen {opts.seqlen}")
   for head_dim in opts.head_dims:
     for causal in causals:

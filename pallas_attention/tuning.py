@@ -94,15 +94,20 @@ class MosaicBlocks:
   dq_q: int
   dq_kv: int
   bwd_stages: int
+  # dK/dV by two warpgroups on the same 64 key rows (one accumulates dV, the other
+  # dK), for head dims whose two accumulators do not fit one warpgroup's registers.
+  # dkv_kv is then 64.
+  dkv_split: bool = False
 
 
 # head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096
 # (benchmarks/tune_mosaic.py; logs in benchmarks/results/h100_tune_mosaic_*.log).
-# Head dim 256: the only backward blocks that fit in shared memory.
+# Head dim 256: the only backward blocks that fit in shared memory, with dK and dV
+# accumulated by separate warpgroups (one warpgroup holding both spilled).
 _MOSAIC = {
   64: MosaicBlocks(128, 2, 128, 128, 128, 64, 3),
   128: MosaicBlocks(128, 2, 64, 128, 128, 64, 2),
-  256: MosaicBlocks(64, 2, 64, 64, 64, 64, 2),
+  256: MosaicBlocks(64, 2, 64, 64, 64, 64, 2, dkv_split=True),
 }
 
 
@@ -139,4 +144,4 @@ def mosaic_candidates(head_dim: int, part: str) -> list[MosaicBlocks]:
     for dkv_q, dkv_kv in ((64, 64), (64, 128), (128, 128))
     for dq_q, dq_kv in ((64, 64), (128, 64))
     for st in (2, 3)
-  ]
+  ] + [dataclasses.replace(base, dkv_kv=64, dkv_split=True)]

@@ -7,6 +7,7 @@ lowered for CUDA here and run on the GPU machine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -92,6 +93,23 @@ def test_backward_matches_reference(b, t, s, n, kv_heads, h, spec, lengths, bloc
   _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, blocks)
 
 
+# dK/dV split over two warpgroups (one accumulates dV, the other dK), as head dim 256 uses.
+SPLIT = tuning.MosaicBlocks(64, 2, 64, 64, 64, 64, 2, dkv_split=True)
+
+
+@pytest.mark.parametrize(
+  "b,t,s,n,kv_heads,h,spec,lengths",
+  [
+    (1, 192, 256, 4, 2, 64, masks.MaskSpec(True), (150, 230)),  # GQA, lengths, causal
+    (1, 128, 192, 2, 1, 256, masks.MaskSpec(False, 40, 17), None),
+  ],
+  ids=["gqa_causal_lengths", "h256_window"],
+)
+def test_backward_split_dkv(b, t, s, n, kv_heads, h, spec, lengths, rng):
+  q_len, kv_len = lengths or (None, None)
+  _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, SPLIT)
+
+
 def test_backward_through_shared_memory(rng):
   """``p_in_registers=False`` explicitly (the only path the interpreter runs)."""
   spec = masks.MaskSpec(True, 70, None)
@@ -99,9 +117,11 @@ def test_backward_through_shared_memory(rng):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
-@pytest.mark.parametrize("h,blocks", [(64, None), (128, TALL), (256, None)])
+@pytest.mark.parametrize("h,blocks", [(64, None), (128, TALL), (256, None), (256, "no_split")])
 def test_register_path_lowers_for_cuda(h, blocks):
   """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit."""
+  if blocks == "no_split":  # one warpgroup holding both dK and dV (it spills, but lowers)
+    blocks = dataclasses.replace(tuning.mosaic_blocks(h), dkv_split=False)
   blocks = blocks or tuning.mosaic_blocks(h)
   b, t, n, kv_heads = 1, 256, 4, 2
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)

@@ -298,6 +298,178 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   return call(q, k, v, do, lse2, delta)
 
 
+def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
+  """dK/dV for wide heads (head dim > 128): two consumers split the work on 64 key rows.
+
+  One 64-row warpgroup holding both the dK and the dV accumulator of a 256-wide head
+  needs 256 float32 registers per thread for them alone; it spilled and ran at a
+  quarter of the tensor cores' rate. Here warpgroup 0 computes ``sᵀ = K·Qᵀ`` and
+  ``pᵀ``, hands ``pᵀ`` to warpgroup 1 through shared memory and accumulates
+  ``dV += pᵀ·dO``; warpgroup 1 computes ``dpᵀ = V·dOᵀ``, ``dsᵀ`` from the shared
+  ``pᵀ`` and accumulates ``dK += dsᵀ·Q``. Each does two products per tile and keeps
+  one accumulator. ``p_ready`` / ``p_free`` (one arrival each) pass the ``pᵀ`` buffer
+  back and forth; warpgroup 1 releases it once before the loop, so the handshake has
+  as many waits as arrivals.
+  """
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1:3]
+  group = n // kv_heads
+  bq, stages = blocks.dkv_q, blocks.bwd_stages
+  dtype = q.dtype
+  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
+  consumers = 2
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch):
+    k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, pt_smem, *ds_smem = scratch[:-7]
+    kv_bar, q_bar, do_bar, consumed, p_ready, p_free, done = scratch[-7:]
+    wg = lax.axis_index("wg")
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    k0 = lax.axis_index("kv") * ROWS
+    lo, _, _, hi = q_range(k0, ROWS, bq)
+    num_q = hi - lo
+    rows = (batch, pl.ds(k0, ROWS), kv_head)
+
+    @pl.when(wg == consumers)
+    def _producer():
+      _registers("producer")
+
+      def fetch(step, slot):
+        g = lax.div(step, num_q)
+        q0 = (lo + step - g * num_q) * bq
+        head = kv_head * group + g
+        q_rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
+        plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_ring.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[q_rows], do_ring.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
+
+      _produce(group * num_q, stages, fetch, consumed)
+
+    @pl.when(wg < consumers)
+    def _consumer():
+      _registers("consumer")
+
+      @pl.when(wg == 0)
+      def _load_kv():
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar.at[0])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar.at[0])
+
+      plgpu.barrier_wait(kv_bar.at[0])
+      ranges = _tile_ranges(q_range, k0, ROWS, k0, bq)
+      vec_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column of sᵀ
+      zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
+
+      def slot_of(g, i):
+        return lax.rem(g * num_q + i - lo, stages)
+
+      def skip(g, i, carry):
+        slot = slot_of(g, i)
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(do_bar.at[slot])
+        plgpu.barrier_arrive(consumed.at[slot])
+        return carry
+
+      def sweep(visit, carry):
+        def per_head(g, carry):
+          visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
+          return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
+
+        return lax.fori_loop(0, group, per_head, carry)
+
+      @pl.when(wg == 0)
+      def _values():
+        def visit(g, masked, i, dv):
+          slot = slot_of(g, i)
+          plgpu.barrier_wait(q_bar.at[slot])
+          st = _matmul(k_smem, q_ring.at[slot].transpose((1, 0)), (ROWS, bq))
+          st = st * (scale * tiles.LOG2E)
+          lse = plgpu.load(lse_ring.at[slot], (), layout=vec_layout)
+          pt = jnp.exp2(st - _broadcast(lse, st.shape, 1))
+          if masked:  # sᵀ: dim 0 are keys, dim 1 queries
+            keys, queries = _iota(st.shape, 0) + k0, _iota(st.shape, 1) + i * bq
+            pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+          plgpu.barrier_wait(p_free.at[0])
+          pt_smem[...] = pt.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(p_ready.at[0])
+          plgpu.barrier_wait(do_bar.at[slot])
+          dv = _matmul_add_smem(dv, pt_smem, do_ring.at[slot], p_in_registers)
+          plgpu.barrier_arrive(consumed.at[slot])
+          return dv
+
+        dv = sweep(visit, zeros)
+        plgpu.barrier_wait(p_free.at[0])  # warpgroup 1's last release
+        plgpu.barrier_arrive(done)
+        plgpu.barrier_wait(done)  # warpgroup 1 no longer reads V
+        v_smem[...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(wg == 1)
+      def _keys():
+        a_smem = ds_smem[0] if ds_smem else None
+        plgpu.barrier_arrive(p_free.at[0])  # the buffer starts free
+
+        def visit(g, masked, i, dk):
+          del masked  # pᵀ arrives masked
+          slot = slot_of(g, i)
+          plgpu.barrier_wait(do_bar.at[slot])
+          dpt = _matmul(v_smem, do_ring.at[slot].transpose((1, 0)), (ROWS, bq))
+          plgpu.barrier_wait(p_ready.at[0])
+          pt = plgpu.load(pt_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+          plgpu.barrier_arrive(p_free.at[0])
+          delta = plgpu.load(delta_ring.at[slot], (), layout=vec_layout)
+          dst = pt * (dpt - _broadcast(delta, dpt.shape, 1))
+          plgpu.barrier_wait(q_bar.at[slot])
+          dk = _matmul_add(dk, dst.astype(dtype), q_ring.at[slot], a_smem)
+          plgpu.barrier_arrive(consumed.at[slot])
+          return dk
+
+        dk = sweep(visit, zeros)
+        plgpu.barrier_arrive(done)
+        plgpu.barrier_wait(done)  # warpgroup 0 no longer reads K
+        k_smem[...] = (dk * scale).astype(k_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+  scratch = [
+    plgpu.SMEM((ROWS, h), k.dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((ROWS, h), v.dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq), jnp.float32),
+    plgpu.SMEM((stages, bq), jnp.float32),
+    plgpu.SMEM((ROWS, bq), dtype, transforms=_SWIZZLED),  # pᵀ, from warpgroup 0 to 1
+  ]
+  if not p_in_registers:
+    scratch.append(plgpu.SMEM((ROWS, bq), dtype, transforms=_SWIZZLED))
+  scratch += [
+    plgpu.Barrier(num_arrivals=2, num_barriers=1),  # K, V
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # Q, lse
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
+    plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=1, num_barriers=1),  # pᵀ written
+    plgpu.Barrier(num_arrivals=1, num_barriers=1),  # pᵀ read
+    plgpu.Barrier(num_arrivals=consumers),  # both done with K and V
+  ]
+  call = _call(kernel, (k, v), scratch, (s // ROWS, kv_heads, b), ("kv", "heads", "batch"), 2)
+  return call(q, k, v, do, lse2, delta)
+
+
+def _matmul_add_smem(acc, a_smem, b, on_gpu: bool):
+  """``acc + a @ b`` with both operands in shared memory."""
+  if on_gpu:
+
+    def issue(acc_ref):
+      plgpu.wgmma(acc_ref, a_smem, b)
+
+    return pl.run_state(issue)(plgpu.ACC.init(acc))
+  return acc + _matmul(a_smem, b, acc.shape)
+
+
 def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1:3]
@@ -441,7 +613,7 @@ def kernels(
   lse2, delta = lse2.astype(jnp.float32), delta.astype(jnp.float32)
   args = (q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers)
   with plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext():
-    dk, dv = _dkv(*args)
+    dk, dv = (_dkv_split if blocks.dkv_split else _dkv)(*args)
     dq = _dq(*args)
   return dq, dk, dv
 
