@@ -49,7 +49,8 @@ def split_times(head_dim, seqlen, causal):
   delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   args = (q, k, v, do, lse2, delta)
   common = (static["scale"], spec, seqlen, seqlen, blocks, True)
-  dkv = jax.jit(lambda *a: bwd._dkv(*a, *common))
+  dkv_kernel = bwd._dkv_split if blocks.dkv_split else bwd._dkv
+  dkv = jax.jit(lambda *a: dkv_kernel(*a, *common))
   dq = jax.jit(lambda *a: bwd._dq(*a, *common))
   return {
     "fwd": time_fn(forward, (q, k, v)) * 1e3,
