@@ -105,7 +105,7 @@ class MosaicBlocks:
 # Head dim 256: the only backward blocks that fit in shared memory, with dK and dV
 # accumulated by separate warpgroups (one warpgroup holding both spilled).
 _MOSAIC = {
-  64: MosaicBlocks(128, 2, 128, 128, 128, 64, 3),
+  64: MosaicBlocks(256, 2, 128, 128, 128, 64, 3),
   128: MosaicBlocks(128, 2, 64, 128, 128, 64, 2),
   256: MosaicBlocks(64, 2, 64, 64, 64, 64, 2, dkv_split=True),
 }
@@ -136,7 +136,7 @@ def mosaic_candidates(head_dim: int, part: str) -> list[MosaicBlocks]:
   if part == "fwd":
     return [
       dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages)
-      for kv in (64, 128)
+      for kv in (64, 128, 256)
       for stages in (2, 3)
     ]
   return [
