@@ -39,7 +39,7 @@ def split_times(head_dim, seqlen, causal):
   from pallas_attention.mosaic import forward as fwd
 
   q, k, v, do = inputs(seqlen, head_dim)
-  blocks = tuning.mosaic_blocks(head_dim)
+  blocks = tuning.mosaic_blocks(head_dim, causal, seqlen)
   spec = masks.MaskSpec(causal=causal)
   static = dict(scale=head_dim**-0.5, spec=spec, q_len=seqlen, kv_len=seqlen)
   forward = jax.jit(

@@ -119,10 +119,22 @@ _MOSAIC = {
 MOSAIC_INTERPRETER = MosaicBlocks(128, 2, 64, 64, 64, 64, 2)
 
 
-def mosaic_blocks(head_dim: int, causal: bool = False) -> MosaicBlocks:
-  """Default Mosaic blocks for a head dim of 64, 128 or 256 (after padding)."""
+# Key sequences shorter than this use 128-row forward key tiles at head_dim 64: the
+# 256-row tiles gain 12% at 16k but lose up to 15% on short causal runs (H100,
+# benchmarks/NOTES.md).
+_MOSAIC_LONG_KV = 8192
+
+
+def mosaic_blocks(head_dim: int, causal: bool = False, kv_len: int | None = None) -> MosaicBlocks:
+  """Default Mosaic blocks for a head dim of 64, 128 or 256 (after padding).
+
+  ``kv_len``: the key sequence length, when known (None: long).
+  """
   del causal  # one table for both until measurements say otherwise
-  return _MOSAIC[head_dim]
+  blocks = _MOSAIC[head_dim]
+  if blocks.fwd_kv > 128 and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
+    blocks = dataclasses.replace(blocks, fwd_kv=128)
+  return blocks
 
 
 def mosaic_candidates(head_dim: int, part: str) -> list[MosaicBlocks]:

@@ -78,3 +78,13 @@ def test_forward_kernel_rejects_ragged_shapes(rng):
   q = normal(rng, (1, 100, 1, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="T=100"):
     mosaic_forward.forward(q, q, q, scale=0.125, spec=masks.MaskSpec(), q_len=100, kv_len=100)
+
+
+def test_block_table_short_and_long_keys():
+  """head_dim 64 takes 256-row forward key tiles only for long key sequences."""
+  from pallas_attention import tuning
+
+  assert tuning.mosaic_blocks(64, kv_len=16384).fwd_kv == 256
+  assert tuning.mosaic_blocks(64, kv_len=4096).fwd_kv == 128
+  assert tuning.mosaic_blocks(128, kv_len=16384).fwd_kv == 128
+  assert tuning.mosaic_blocks(256).dkv_split

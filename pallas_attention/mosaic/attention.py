@@ -65,7 +65,7 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
   times forward and backward candidates separately, each on this call's shapes.
   """
   h_pad = head_dim_extent(q_shape[3])
-  default = tuning.mosaic_blocks(h_pad, problem.spec.causal)
+  default = tuning.mosaic_blocks(h_pad, problem.spec.causal, kv_shape[1])
   if problem.config is not None:
     return problem.config
   if jax.default_backend() == "cpu":
