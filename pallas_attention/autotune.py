@@ -25,16 +25,17 @@ Where the cache lives
 
 Tracing
   ``choose`` may be called while JAX traces a jitted function (e.g. from a kernel
-  wrapper at trace time). ``make_run`` and the runnables it returns are evaluated under
-  ``jax.ensure_compile_time_eval()``, so arrays they build from concrete values (random
-  inputs of the right shape, say) are real device arrays and the timing is real. A
-  runnable that nevertheless returns traced values counts as a failed candidate.
+  wrapper at trace time). ``make_run`` and the runnables it returns run on a worker
+  thread, outside any trace (JAX's trace state is per thread), so arrays they build
+  (random inputs of the right shape, say) are real device arrays and the timing is
+  real. A runnable that nevertheless returns traced values counts as a failed candidate.
 
 This module imports nothing from the rest of the package.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -182,8 +183,16 @@ def _contains_tracer(tree: Any) -> bool:
 def _time_candidate[T](
   make_run: Callable[[T], Callable[[], Any]], candidate: T, rounds: int
 ) -> float:
-  """Median seconds of ``rounds`` calls after one warm-up (compile) call."""
-  with jax.ensure_compile_time_eval():
+  """Median seconds of ``rounds`` calls after one warm-up (compile) call.
+
+  Runs on a worker thread: JAX's trace state is per thread, so there ``make_run``
+  builds concrete arrays and jitted calls execute, even when ``choose`` was called
+  while tracing. (``jax.ensure_compile_time_eval`` would also make inputs concrete,
+  but it evaluates eagerly every primitive without traced inputs, kernel bodies
+  included: ``axis_index`` in a Pallas kernel then fails with an unbound axis.)
+  """
+
+  def work() -> float:
     run = make_run(candidate)
     out = run()
     if _contains_tracer(out):
@@ -194,7 +203,10 @@ def _time_candidate[T](
       start = time.perf_counter()
       jax.block_until_ready(run())
       times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    return statistics.median(times)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    return pool.submit(work).result()
 
 
 def choose[T](

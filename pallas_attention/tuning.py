@@ -137,13 +137,20 @@ def mosaic_blocks(head_dim: int, causal: bool = False, kv_len: int | None = None
   return blocks
 
 
-def mosaic_candidates(head_dim: int, part: str) -> list[MosaicBlocks]:
+def mosaic_candidates(head_dim: int, part: str, interpreter: bool = False) -> list[MosaicBlocks]:
   """What the opt-in autotuner tries for a head dim; ``part`` is "fwd" or "bwd".
 
   Each candidate changes only that part's fields of the table entry, so the two
   parts can be tuned one after the other. Candidates that do not fit in shared
-  memory fail to compile and are skipped by the autotuner.
+  memory fail to compile and are skipped by the autotuner. ``interpreter``: the
+  Mosaic GPU interpreter on CPU, where only one-consumer backward blocks run
+  reliably (see MOSAIC_INTERPRETER) and each call takes seconds: two candidates.
   """
+  if interpreter:
+    base = MOSAIC_INTERPRETER
+    if part == "fwd":
+      return [base, dataclasses.replace(base, fwd_kv=64)]
+    return [base, dataclasses.replace(base, bwd_stages=1)]
   base = mosaic_blocks(head_dim)
   if part == "fwd":
     return [

@@ -64,17 +64,24 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
   ``part`` ("fwd" or "bwd") says which fields the caller uses; the autotuner
   times forward and backward candidates separately, each on this call's shapes.
   """
-  h_pad = head_dim_extent(q_shape[3])
-  default = tuning.mosaic_blocks(h_pad, problem.spec.causal, kv_shape[1])
   if problem.config is not None:
     return problem.config
-  if jax.default_backend() == "cpu":
-    return tuning.MOSAIC_INTERPRETER
-  if not autotune.enabled() or jax.default_backend() != "gpu":
+  h_pad = head_dim_extent(q_shape[3])
+  interpreter = jax.default_backend() == "cpu"
+  if interpreter:
+    default = tuning.MOSAIC_INTERPRETER
+  else:
+    default = tuning.mosaic_blocks(h_pad, problem.spec.causal, kv_shape[1])
+  if not autotune.enabled():
     return default
-  candidates = tuning.mosaic_candidates(h_pad, part)
+  candidates = tuning.mosaic_candidates(h_pad, part, interpreter=interpreter)
+  spec = problem.spec
   key = dict(
-    q=tuple(q_shape), kv=tuple(kv_shape), dtype=jnp.dtype(dtype).name, spec=problem.spec, part=part
+    q=tuple(q_shape),
+    kv=tuple(kv_shape),
+    dtype=jnp.dtype(dtype).name,
+    spec=(spec.causal, spec.window_left, spec.window_right),
+    part=part,
   )
 
   def make_run(config):
@@ -99,6 +106,7 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
     default=default,
     to_json=dataclasses.asdict,
     from_json=lambda entry: tuning.MosaicBlocks(**entry),
+    rounds=2 if interpreter else 5,  # the interpreter takes seconds per call
   )
 
 
