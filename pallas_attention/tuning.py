@@ -98,6 +98,9 @@ class MosaicBlocks:
   # dK), for head dims whose two accumulators do not fit one warpgroup's registers.
   # dkv_kv is then 64.
   dkv_split: bool = False
+  # Forward CTAs of two query heads sharing a key/value head (GQA with an even group),
+  # so each key/value tile serves both. Correct in the interpreter; not yet measured.
+  fwd_head_pairs: bool = False
 
 
 # head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096

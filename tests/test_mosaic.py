@@ -128,3 +128,68 @@ def test_autotuner_picks_and_caches_mosaic_blocks(rng, tmp_path, monkeypatch):
   finally:
     autotune.enable(False)
     autotune._clear_memo()
+
+
+@pytest.mark.parametrize("p_in_registers", P_PATHS)
+@pytest.mark.parametrize(
+  "heads,kv_heads,spec,q_len,kv_len",
+  [
+    (4, 2, masks.MaskSpec(True), 256, 256),
+    (4, 1, masks.MaskSpec(False, 30, 5), 200, 250),
+  ],
+)
+def test_forward_head_pairs(heads, kv_heads, spec, q_len, kv_len, p_in_registers, rng):
+  """Two query heads of one GQA group per CTA: the same answer as the reference."""
+  t = s = 256
+  q = normal(rng, (2, t, heads, 64), jnp.bfloat16)
+  k, v = (normal(rng, (2, s, kv_heads, 64), jnp.bfloat16) for _ in range(2))
+  ref_out, ref_lse, _ = reference_with_grads(
+    q[:, :q_len],
+    k[:, :kv_len],
+    v[:, :kv_len],
+    q[:, :q_len],
+    is_causal=spec.causal,
+    local_window_size=(spec.window_left, spec.window_right),
+  )
+  out, lse2 = jax.jit(
+    lambda q, k, v: mosaic_forward.forward(
+      q,
+      k,
+      v,
+      scale=0.125,
+      spec=spec,
+      q_len=q_len,
+      kv_len=kv_len,
+      p_in_registers=p_in_registers,
+      head_pairs=True,
+    )
+  )(q, k, v)
+  out, lse = np.asarray(out, np.float32), np.asarray(lse2) * LN2
+  assert rel_err(out[:, :q_len], ref_out) < 2e-2
+  empty = ~np.isfinite(ref_lse)
+  np.testing.assert_array_equal(~np.isfinite(lse[:, :, :q_len]), empty)
+  assert rel_err(lse[:, :, :q_len][~empty], ref_lse[~empty]) < 2e-2
+  assert not out[:, q_len:].any()
+
+
+@pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
+@pytest.mark.parametrize("head_dim,head_pairs", [(64, False), (128, True), (256, False)])
+def test_forward_register_path_lowers_for_cuda(head_dim, head_pairs):
+  """The GPU-only forward (P in registers, register reallocation) lowers for CUDA."""
+  q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
+  run = lambda q, k, v: mosaic_forward.forward(  # noqa: E731
+    q,
+    k,
+    v,
+    scale=0.1,
+    spec=masks.MaskSpec(True),
+    q_len=200,
+    kv_len=256,
+    block_kv=64 if head_dim == 256 else 128,
+    head_pairs=head_pairs,
+    p_in_registers=True,
+    interpret=False,
+  )
+  lowered = jax.jit(run).trace(q, k, k).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()

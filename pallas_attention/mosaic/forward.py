@@ -44,16 +44,17 @@ def interpreting() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def call(kernel_call, *args):
+def call(kernel_call, *args, interpret: bool | None = None):
   """Run a ``plgpu.kernel`` compiled on the GPU, or in the interpreter on CPU."""
-  if interpreting():
+  if interpreting() if interpret is None else interpret:
     with plgpu.force_gpu_interpret_mode():
       return kernel_call(*args)
   return kernel_call(*args)
 
 
-def compiler_params():
-  return None if interpreting() else plgpu.CompilerParams(approx_math=True)
+def compiler_params(interpret: bool | None = None):
+  interpret = interpreting() if interpret is None else interpret
+  return None if interpret else plgpu.CompilerParams(approx_math=True)
 
 
 def forward(
@@ -69,21 +70,36 @@ def forward(
   stages: int = 2,
   schedule: bool = True,
   p_in_registers: bool | None = None,
+  head_pairs: bool = False,
+  interpret: bool | None = None,
 ):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32, -inf for empty rows).
 
   ``T`` must be a multiple of 128, ``S`` of ``block_kv``, ``H`` one of 64, 128,
   256; bf16 or f16. Rows ``>= q_len`` and columns ``>= kv_len`` are masked.
+
+  ``head_pairs`` (GQA with an even number of query heads per key/value head): a CTA
+  owns 64 rows of two query heads that share a key/value head, one per consumer
+  warpgroup, so each key/value tile loaded serves both. Off by default: correct in
+  the interpreter, not yet measured on a GPU.
+
+  ``interpret``: run in the Mosaic GPU interpreter (default: on a CPU backend).
+  False on a CPU still traces and lowers for CUDA (``lowering_platforms=("cuda",)``).
   """
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   if t % CTA_ROWS or s % block_kv or h not in (64, 128, 256):
     raise ValueError(f"mosaic forward: T={t} % {CTA_ROWS}, S={s} % {block_kv}, H={h}")
   groups = n // kv_heads
-  num_q_tiles = t // CTA_ROWS
+  if head_pairs and groups % 2:
+    raise ValueError(f"mosaic forward: head_pairs needs an even GQA group, not {groups}")
+  cta_rows = ROWS if head_pairs else CTA_ROWS
+  num_q_tiles = t // cta_rows
   dtype = q.dtype
   if p_in_registers is None:
-    p_in_registers = not interpreting()
+    p_in_registers = not (interpreting() if interpret is None else interpret)
+  if interpret is None:
+    interpret = interpreting()
   log2_scale = scale * tiles.LOG2E
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch):
@@ -91,9 +107,13 @@ def forward(
     p_smem = None if p_in_registers else scratch[10]
     wg = lax.axis_index("wg")
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    if head_pairs:  # grid axis "heads" counts pairs; warpgroup w takes head 2·pair + w
+      head = 2 * head
     kv_head = lax.div(head, jnp.array(groups, head.dtype))
-    cta_start = (num_q_tiles - 1 - lax.axis_index("q")) * CTA_ROWS
-    lo, _, _, hi = masks.kv_block_range(cta_start, CTA_ROWS, block_kv, spec, q_len, kv_len)
+    if head_pairs:
+      head = head + jnp.minimum(wg, CONSUMERS - 1)
+    cta_start = (num_q_tiles - 1 - lax.axis_index("q")) * cta_rows
+    lo, _, _, hi = masks.kv_block_range(cta_start, cta_rows, block_kv, spec, q_len, kv_len)
     num_steps = hi - lo
 
     def take_turn():
@@ -103,7 +123,7 @@ def forward(
 
     @pl.when(wg == CONSUMERS)
     def _producer():
-      if not interpreting():
+      if not interpret:
         plgpu.set_max_registers(40, action="decrease")
 
       def fetch(step, slot):
@@ -137,10 +157,10 @@ def forward(
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
-      if not interpreting():
+      if not interpret:
         plgpu.set_max_registers(232, action="increase")
       q_smem = qo_smem.at[wg]
-      q_start = cta_start + wg * ROWS
+      q_start = cta_start if head_pairs else cta_start + wg * ROWS
       plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, ROWS), head], q_smem, q_bars.at[wg])
       _, full_lo, full_hi, _ = masks.kv_block_range(q_start, ROWS, block_kv, spec, q_len, kv_len)
       full_lo = jnp.clip(full_lo, lo, hi)
@@ -235,11 +255,11 @@ def forward(
   kernel_call = plgpu.kernel(
     kernel,
     out_type=[q, jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-    grid=(num_q_tiles, n, b),
+    grid=(num_q_tiles, n // 2 if head_pairs else n, b),
     grid_names=("q", "heads", "batch"),
     num_threads=CONSUMERS + 1,
     thread_name="wg",
     scratch_types=scratch,
-    compiler_params=compiler_params(),
+    compiler_params=compiler_params(interpret),
   )
-  return call(kernel_call, q, k, v)
+  return call(kernel_call, q, k, v, interpret=interpret)
