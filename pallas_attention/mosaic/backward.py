@@ -168,6 +168,36 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages):
+  """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
+  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step.
+
+  Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
+  """
+  q_ref, lse_ref, do_ref, delta_ref = refs
+  q_ring, lse_ring, do_ring, delta_ring = rings
+  q_bar, do_bar, consumed = bars
+
+  def fetch(step, slot):
+    g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
+    q0 = (lo + step - g * num_q) * bq
+    head = head0 + g
+    rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot], do_bar.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
+
+  _produce(group * num_q, stages, fetch, consumed)
+
+
+def _skip_tile(loaded, consumed, slot) -> None:
+  """A consumer's step on a tile its rows cannot see: honour the barriers only."""
+  for bar in loaded:
+    plgpu.barrier_wait(bar.at[slot])
+  plgpu.barrier_arrive(consumed.at[slot])
+
+
 def _registers(role: str) -> None:
   """Move registers from the producer to the consumers (warp specialisation's point:
   the consumers hold two float32 accumulators and the score tiles)."""
@@ -213,17 +243,18 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
     def _producer():
       _registers("producer")
 
-      def fetch(step, slot):
-        g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
-        q0 = (lo + step - g * num_q) * bq
-        head = kv_head * group + g
-        rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
-        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot], do_bar.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
-
-      _produce(group * num_q, stages, fetch, consumed)
+      _produce_query_tiles(
+        (q_ref, lse_ref, do_ref, delta_ref),
+        (q_ring, lse_ring, do_ring, delta_ring),
+        (q_bar, do_bar, consumed),
+        batch,
+        kv_head * group,
+        group,
+        lo,
+        num_q,
+        bq,
+        stages,
+      )
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -259,10 +290,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
         return dk, dv
 
       def skip(g, i, carry):
-        slot = lax.rem(g * num_q + i - lo, stages)
-        plgpu.barrier_wait(q_bar.at[slot])
-        plgpu.barrier_wait(do_bar.at[slot])
-        plgpu.barrier_arrive(consumed.at[slot])
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(g * num_q + i - lo, stages))
         return carry
 
       def per_head(g, carry):
@@ -334,17 +362,18 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
     def _producer():
       _registers("producer")
 
-      def fetch(step, slot):
-        g = lax.div(step, num_q)
-        q0 = (lo + step - g * num_q) * bq
-        head = kv_head * group + g
-        q_rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
-        plgpu.copy_gmem_to_smem(q_ref.at[q_rows], q_ring.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[q_rows], do_ring.at[slot], do_bar.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
-
-      _produce(group * num_q, stages, fetch, consumed)
+      _produce_query_tiles(
+        (q_ref, lse_ref, do_ref, delta_ref),
+        (q_ring, lse_ring, do_ring, delta_ring),
+        (q_bar, do_bar, consumed),
+        batch,
+        kv_head * group,
+        group,
+        lo,
+        num_q,
+        bq,
+        stages,
+      )
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -364,10 +393,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
         return lax.rem(g * num_q + i - lo, stages)
 
       def skip(g, i, carry):
-        slot = slot_of(g, i)
-        plgpu.barrier_wait(q_bar.at[slot])
-        plgpu.barrier_wait(do_bar.at[slot])
-        plgpu.barrier_arrive(consumed.at[slot])
+        _skip_tile((q_bar, do_bar), consumed, slot_of(g, i))
         return carry
 
       def sweep(visit, carry):
@@ -534,10 +560,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
         return dq
 
       def skip(i, dq):
-        slot = lax.rem(i - lo, stages)
-        plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_arrive(consumed.at[slot])
+        _skip_tile((k_bar, v_bar), consumed, lax.rem(i - lo, stages))
         return dq
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)

@@ -44,16 +44,15 @@ def interpreting() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def call(kernel_call, *args, interpret: bool | None = None):
-  """Run a ``plgpu.kernel`` compiled on the GPU, or in the interpreter on CPU."""
-  if interpreting() if interpret is None else interpret:
+def call(kernel_call, *args, interpret: bool):
+  """Run a ``plgpu.kernel`` compiled, or in the Mosaic GPU interpreter."""
+  if interpret:
     with plgpu.force_gpu_interpret_mode():
       return kernel_call(*args)
   return kernel_call(*args)
 
 
-def compiler_params(interpret: bool | None = None):
-  interpret = interpreting() if interpret is None else interpret
+def compiler_params(interpret: bool):
   return None if interpret else plgpu.CompilerParams(approx_math=True)
 
 
@@ -96,10 +95,10 @@ def forward(
   cta_rows = ROWS if head_pairs else CTA_ROWS
   num_q_tiles = t // cta_rows
   dtype = q.dtype
-  if p_in_registers is None:
-    p_in_registers = not (interpreting() if interpret is None else interpret)
   if interpret is None:
     interpret = interpreting()
+  if p_in_registers is None:
+    p_in_registers = not interpret
   log2_scale = scale * tiles.LOG2E
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch):
