@@ -23,6 +23,41 @@ from pallas_attention.tiles import LN2
 P_PATHS = [True, False] if ON_GPU else [False]
 
 
+def _check_forward(q, k, v, spec, q_len, kv_len, **options):
+  """The forward kernel on padded inputs against the reference on the unpadded ones."""
+  window = (spec.window_left, spec.window_right)
+  ref_out, ref_lse, _ = reference_with_grads(
+    q[:, :q_len],
+    k[:, :kv_len],
+    v[:, :kv_len],
+    q[:, :q_len],
+    is_causal=spec.causal,
+    local_window_size=window,
+  )
+  run = jax.jit(
+    lambda q, k, v: mosaic_forward.forward(
+      q,
+      k,
+      v,
+      scale=1 / math.sqrt(q.shape[-1]),
+      spec=spec,
+      q_len=q_len,
+      kv_len=kv_len,
+      **options,
+    )
+  )
+  out, lse2 = run(q, k, v)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  out, lse = np.asarray(out, np.float32), np.asarray(lse2) * LN2
+  assert rel_err(out[:, :q_len], ref_out) < 2e-2
+  empty = ~np.isfinite(ref_lse)
+  np.testing.assert_array_equal(~np.isfinite(lse[:, :, :q_len]), empty)
+  assert rel_err(lse[:, :, :q_len][~empty], ref_lse[~empty]) < 2e-2
+  # Padded rows attend to nothing: zero output, -inf LSE.
+  assert not out[:, q_len:].any()
+  assert np.all(lse[:, :, q_len:] == -np.inf)
+
+
 @pytest.mark.parametrize("p_in_registers", P_PATHS)
 @pytest.mark.parametrize(
   "t,s,heads,kv_heads,head_dim,spec,q_len,kv_len,block_kv,stages",
@@ -38,40 +73,9 @@ def test_forward_kernel(
 ):
   q = normal(rng, (1, t, heads, head_dim), jnp.bfloat16)
   k, v = (normal(rng, (1, s, kv_heads, head_dim), jnp.bfloat16) for _ in range(2))
-  window = (spec.window_left, spec.window_right)
-  sub = lambda x, n: x[:, :n]  # noqa: E731
-  ref_out, ref_lse, _ = reference_with_grads(
-    sub(q, q_len),
-    sub(k, kv_len),
-    sub(v, kv_len),
-    sub(q, q_len),
-    is_causal=spec.causal,
-    local_window_size=window,
+  _check_forward(
+    q, k, v, spec, q_len, kv_len, block_kv=block_kv, stages=stages, p_in_registers=p_in_registers
   )
-  run = jax.jit(
-    lambda q, k, v: mosaic_forward.forward(
-      q,
-      k,
-      v,
-      scale=1 / math.sqrt(head_dim),
-      spec=spec,
-      q_len=q_len,
-      kv_len=kv_len,
-      block_kv=block_kv,
-      stages=stages,
-      p_in_registers=p_in_registers,
-    )
-  )
-  out, lse2 = run(q, k, v)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  out, lse = np.asarray(out, np.float32), np.asarray(lse2) * LN2
-  assert rel_err(out[:, :q_len], ref_out) < 2e-2
-  empty = ~np.isfinite(ref_lse)
-  np.testing.assert_array_equal(~np.isfinite(lse[:, :, :q_len]), empty)
-  assert rel_err(lse[:, :, :q_len][~empty], ref_lse[~empty]) < 2e-2
-  # Padded rows attend to nothing: zero output, -inf LSE.
-  assert not out[:, q_len:].any()
-  assert np.all(lse[:, :, q_len:] == -np.inf)
 
 
 def test_forward_kernel_rejects_ragged_shapes(rng):
@@ -143,33 +147,7 @@ def test_forward_head_pairs(heads, kv_heads, spec, q_len, kv_len, p_in_registers
   t = s = 256
   q = normal(rng, (2, t, heads, 64), jnp.bfloat16)
   k, v = (normal(rng, (2, s, kv_heads, 64), jnp.bfloat16) for _ in range(2))
-  ref_out, ref_lse, _ = reference_with_grads(
-    q[:, :q_len],
-    k[:, :kv_len],
-    v[:, :kv_len],
-    q[:, :q_len],
-    is_causal=spec.causal,
-    local_window_size=(spec.window_left, spec.window_right),
-  )
-  out, lse2 = jax.jit(
-    lambda q, k, v: mosaic_forward.forward(
-      q,
-      k,
-      v,
-      scale=0.125,
-      spec=spec,
-      q_len=q_len,
-      kv_len=kv_len,
-      p_in_registers=p_in_registers,
-      head_pairs=True,
-    )
-  )(q, k, v)
-  out, lse = np.asarray(out, np.float32), np.asarray(lse2) * LN2
-  assert rel_err(out[:, :q_len], ref_out) < 2e-2
-  empty = ~np.isfinite(ref_lse)
-  np.testing.assert_array_equal(~np.isfinite(lse[:, :, :q_len]), empty)
-  assert rel_err(lse[:, :, :q_len][~empty], ref_lse[~empty]) < 2e-2
-  assert not out[:, q_len:].any()
+  _check_forward(q, k, v, spec, q_len, kv_len, p_in_registers=p_in_registers, head_pairs=True)
 
 
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
