@@ -208,6 +208,8 @@ def _registers(role: str) -> None:
 
 
 def _call(body, out_type, scratch, grid, grid_names, consumers):
+  # Mosaic GPU launches the last grid axis fastest: give it the tile axis, so the CTAs
+  # that stream the same head's tiles run side by side and share them in L2.
   return plgpu.kernel(
     body,
     out_type=out_type,
@@ -322,7 +324,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
     plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
     plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
   ]
-  call = _call(kernel, (k, v), scratch, (s // bk, kv_heads, b), ("kv", "heads", "batch"), consumers)
+  call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
   return call(q, k, v, do, lse2, delta)
 
 
@@ -481,7 +483,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
     plgpu.Barrier(num_arrivals=1, num_barriers=1),  # pᵀ read
     plgpu.Barrier(num_arrivals=consumers),  # both done with K and V
   ]
-  call = _call(kernel, (k, v), scratch, (s // ROWS, kv_heads, b), ("kv", "heads", "batch"), 2)
+  call = _call(kernel, (k, v), scratch, (b, kv_heads, s // ROWS), ("batch", "heads", "kv"), 2)
   return call(q, k, v, do, lse2, delta)
 
 
@@ -586,7 +588,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
     plgpu.Barrier(num_barriers=stages),  # V
     plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
   ]
-  call = _call(kernel, q, scratch, (t // bq, n, b), ("q", "heads", "batch"), consumers)
+  call = _call(kernel, q, scratch, (b, n, t // bq), ("batch", "heads", "q"), consumers)
   return call(q, k, v, do, lse2, delta)
 
 

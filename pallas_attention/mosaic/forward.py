@@ -52,8 +52,20 @@ def call(kernel_call, *args, interpret: bool):
   return kernel_call(*args)
 
 
+# (ranges per warpgroup, directory): set by benchmarks to record the kernels'
+# jax.named_scope regions with Mosaic GPU's profiler (a Chrome trace per call).
+PROFILE: tuple[int, str] | None = None
+
+
 def compiler_params(interpret: bool):
-  return None if interpret else plgpu.CompilerParams(approx_math=True)
+  if interpret:
+    return None
+  if PROFILE is not None:
+    space, path = PROFILE
+    return plgpu.CompilerParams(
+      approx_math=True, profile_space=space, profile_dir=path, profile_bounds_check=True
+    )
+  return plgpu.CompilerParams(approx_math=True)
 
 
 def forward(
@@ -130,8 +142,9 @@ def forward(
         plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
 
-      for slot in range(stages):
-        pl.when(slot < num_steps)(lambda slot=slot: fetch(slot, slot))
+      with jax.named_scope("p_fill"):
+        for slot in range(stages):
+          pl.when(slot < num_steps)(lambda slot=slot: fetch(slot, slot))
 
       def refill(step, carry):
         slot = lax.rem(step, jnp.array(stages, step.dtype))
@@ -164,7 +177,8 @@ def forward(
       _, full_lo, full_hi, _ = masks.kv_block_range(q_start, ROWS, block_kv, spec, q_len, kv_len)
       full_lo = jnp.clip(full_lo, lo, hi)
       full_hi = jnp.clip(full_hi, full_lo, hi)
-      plgpu.barrier_wait(q_bars.at[wg])
+      with jax.named_scope("c_qwait"):
+        plgpu.barrier_wait(q_bars.at[wg])
 
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_layout)
@@ -174,14 +188,16 @@ def forward(
       def step(j, carry, masked: bool):
         m, denom, acc = carry
         slot = lax.rem(j - lo, jnp.array(stages, j.dtype))
-        plgpu.barrier_wait(k_bars.at[slot])
+        with jax.named_scope("c_kwait"):
+          plgpu.barrier_wait(k_bars.at[slot])
 
         def scores(acc_ref):
           plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
           take_turn()
           return acc_ref[...]
 
-        sc = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
+        with jax.named_scope("c_qk"):
+          sc = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
         sc = sc * log2_scale
         if masked:
@@ -199,15 +215,17 @@ def forward(
         p16 = p.astype(dtype)
         if schedule:
           plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(v_bars.at[slot])
-        if schedule:
-          plgpu.barrier_wait(turn)
+        with jax.named_scope("c_vwait"):
+          plgpu.barrier_wait(v_bars.at[slot])
+          if schedule:
+            plgpu.barrier_wait(turn)
         if p_in_registers:
 
           def values(acc_ref):
             plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
-          acc = pl.run_state(values)(plgpu.ACC.init(acc))
+          with jax.named_scope("c_pv"):
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
         else:
           p_smem.at[wg][...] = p16
           plgpu.commit_smem()
@@ -227,15 +245,16 @@ def forward(
       m, denom, acc = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
       pl.when(wg == 0)(take_turn)
 
-      empty = denom == 0.0
-      safe = jnp.where(empty, 1.0, denom)
-      inv = 1.0 / safe
-      q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-      lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
-      plgpu.wait_smem_to_gmem(0)
+      with jax.named_scope("c_epilogue"):
+        empty = denom == 0.0
+        safe = jnp.where(empty, 1.0, denom)
+        inv = 1.0 / safe
+        q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+        lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
 
   scratch = [
     plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED),  # Q, then O
@@ -254,8 +273,10 @@ def forward(
   kernel_call = plgpu.kernel(
     kernel,
     out_type=[q, jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-    grid=(num_q_tiles, n // 2 if head_pairs else n, b),
-    grid_names=("q", "heads", "batch"),
+    # Mosaic GPU launches the last grid axis fastest: CTAs of one head's query
+    # tiles run side by side and share its K/V tiles in L2.
+    grid=(b, n // 2 if head_pairs else n, num_q_tiles),
+    grid_names=("batch", "heads", "q"),
     num_threads=CONSUMERS + 1,
     thread_name="wg",
     scratch_types=scratch,
