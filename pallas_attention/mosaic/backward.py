@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_attention import masks, tiles, tuning
+from pallas_attention.mosaic import forward as fwd
 
 ROWS = 64  # rows of one consumer warpgroup: the M of one wgmma
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -214,7 +215,7 @@ def _call(body, out_type, scratch, grid, grid_names, consumers):
     body,
     out_type=out_type,
     scratch_types=scratch,
-    compiler_params=plgpu.CompilerParams(approx_math=True),
+    compiler_params=fwd.compiler_params(interpret=False),
     grid=grid,
     grid_names=grid_names,
     num_threads=consumers + 1,
@@ -274,20 +275,25 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
       def visit(g, masked, i, carry):
         dk, dv = carry
         slot = lax.rem(g * num_q + i - lo, stages)
-        plgpu.barrier_wait(q_bar.at[slot])
+        with jax.named_scope("b_qwait"):
+          plgpu.barrier_wait(q_bar.at[slot])
         q_tile, do_tile = q_ring.at[slot], do_ring.at[slot]
-        st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq)) * (scale * tiles.LOG2E)
+        with jax.named_scope("b_s"):
+          st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq))
         lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
-        pt = jnp.exp2(st - _broadcast(lse, st.shape, 1))
+        pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
         if masked:  # sᵀ: dim 0 are keys, dim 1 queries
           keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
           pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
-        plgpu.barrier_wait(do_bar.at[slot])
+        with jax.named_scope("b_dowait"):
+          plgpu.barrier_wait(do_bar.at[slot])
         dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
-        dv, dpt = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem, also=dpt_product)
+        with jax.named_scope("b_dv_dp"):
+          dv, dpt = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem, also=dpt_product)
         delta = plgpu.load(delta_ring.at[slot], layout=vec_layout)
         dst = pt * (dpt - _broadcast(delta, dpt.shape, 1))
-        dk = _matmul_add(dk, dst.astype(dtype), q_tile, a_smem)
+        with jax.named_scope("b_dk"):
+          dk = _matmul_add(dk, dst.astype(dtype), q_tile, a_smem)
         plgpu.barrier_arrive(consumed.at[slot])
         return dk, dv
 
