@@ -6,11 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal, rel_err
+from conftest import ON_GPU, normal, rel_err
 from flax import linen as nn
 from flax import nnx
 
 from pallas_attention.flax import attention_fn
+
+# Float32 on a GPU: the Triton kernels and XLA's products use TF32 passes.
+TOL = 2e-3 if ON_GPU else 2e-5
 
 
 def _qkv(rng, batch=(2,), t=24, s=24, n=4, h=16):
@@ -28,7 +31,7 @@ def test_matches_linen_function_with_float_masks(batch, rng):
   got = attention_fn(q, k, v, bias, mask)
   want = nn.dot_product_attention(q, k, v, bias, mask)
   assert got.shape == want.shape
-  assert rel_err(got, want) < 2e-5
+  assert rel_err(got, want) < TOL
 
 
 def test_gradients_match_linen_function(rng):
@@ -41,7 +44,7 @@ def test_gradients_match_linen_function(rng):
   ours = jax.grad(loss(attention_fn), argnums=(0, 1, 2))(q, k, v)
   theirs = jax.grad(loss(nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(ours, theirs, strict=True):
-    assert rel_err(a, b) < 2e-5
+    assert rel_err(a, b) < TOL
 
 
 def test_linen_module_drop_in(rng):
@@ -54,7 +57,7 @@ def test_linen_module_drop_in(rng):
   assert jax.tree.structure(params) == jax.tree.structure(ours.init(jax.random.key(0), x))
   want = ref.apply(params, x, mask=mask)
   got = ours.apply(params, x, mask=mask)
-  assert rel_err(got, want) < 2e-5
+  assert rel_err(got, want) < TOL
 
   def loss(module):
     return lambda p: jnp.sum(module.apply(p, x, mask=mask) ** 2)
@@ -63,7 +66,7 @@ def test_linen_module_drop_in(rng):
   # that is exactly zero in exact arithmetic (softmax ignores a per-row shift), so
   # per-leaf relative errors would compare rounding noise with rounding noise.
   flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])  # noqa: E731
-  assert rel_err(flat(jax.grad(loss(ours))(params)), flat(jax.grad(loss(ref))(params))) < 2e-5
+  assert rel_err(flat(jax.grad(loss(ours))(params)), flat(jax.grad(loss(ref))(params))) < TOL
 
 
 def test_nnx_module_drop_in_with_is_causal(rng):
@@ -74,9 +77,9 @@ def test_nnx_module_drop_in_with_is_causal(rng):
   ref, ours = make(nnx.dot_product_attention), make(attention_fn)
   nnx.update(ours, nnx.state(ref))
   mask = nn.make_causal_mask(jnp.ones((2, 24)))
-  assert rel_err(ours(x, mask=mask), ref(x, mask=mask)) < 2e-5
+  assert rel_err(ours(x, mask=mask), ref(x, mask=mask)) < TOL
   # NNX passes is_causal: the kernels' causal path, no mask array.
-  assert rel_err(ours(x, is_causal=True), ref(x, mask=mask)) < 2e-5
+  assert rel_err(ours(x, is_causal=True), ref(x, mask=mask)) < TOL
 
 
 def test_dropout_and_sown_weights_fall_back_to_flax(rng):
@@ -90,7 +93,7 @@ def test_dropout_and_sown_weights_fall_back_to_flax(rng):
   np.testing.assert_array_equal(got, want)
   # Deterministic calls with a dropout rate (evaluation) stay on flash attention.
   got = attention_fn(q, k, v, dropout_rate=0.5, deterministic=True)
-  assert rel_err(got, nn.dot_product_attention(q, k, v)) < 2e-5
+  assert rel_err(got, nn.dot_product_attention(q, k, v)) < TOL
 
   x = normal(rng, (2, 24, 32))
   layer = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=attention_fn)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal, rel_err
+from conftest import ON_GPU, normal, rel_err
 from flax import linen as nn
 from flax import nnx
 
@@ -25,7 +25,8 @@ from pallas_attention.flax import _attention, attention_fn
 from pallas_attention.flax import linen as pl
 from pallas_attention.flax import nnx as pn
 
-TOL = 2e-5
+# Float32 on a GPU: the Triton kernels and XLA's products use TF32 passes.
+TOL = 2e-3 if ON_GPU else 2e-5
 B, T, S, F = 2, 16, 12, 32
 
 
@@ -458,7 +459,7 @@ def test_nnx_training_step_matches_flax(rng):
     return [float(step(model)) for _ in range(steps)]
 
   got, want = train(ours, {}), train(ref, dict(mask=causal))
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=TOL)
   assert got[-1] < got[0]
   assert rel_err(flat(nnx.state(ours, nnx.Param)), flat(nnx.state(ref, nnx.Param))) < TOL
 
