@@ -119,11 +119,11 @@ def test_autotuner_picks_and_caches_mosaic_blocks(rng, tmp_path, monkeypatch):
     entries = json.loads(autotune.cache_path().read_text())["entries"].values()
     kinds = sorted(entry["kind"] for entry in entries)
     assert kinds == ["mosaic_bwd", "mosaic_fwd"]
+    interpreter = jax.default_backend() == "cpu"
     for entry in entries:
-      assert len(entry["candidates"]) == 2
-      assert tuning.MosaicBlocks(**entry["config"]) in tuning.mosaic_candidates(
-        64, entry["kind"][len("mosaic_") :], interpreter=True
-      )
+      candidates = tuning.mosaic_candidates(64, entry["kind"][len("mosaic_") :], interpreter)
+      assert len(entry["candidates"]) == len(candidates)
+      assert tuning.MosaicBlocks(**entry["config"]) in candidates
     # A new process (fresh memo) reads the cache instead of timing again.
     autotune._clear_memo()
     before = autotune.cache_path().stat().st_mtime_ns
