@@ -2,16 +2,22 @@
 
 Protocol (FlashAttention papers, shared/DESIGN.md): bf16, batch·seqlen = 16384,
 heads = 2048 / head_dim; forward FLOPs 4·B·T·S·N·H (halved when causal),
-forward+backward 3.5× that. Prints a Markdown table of TFLOP/s and the ratio to
-cuDNN; ``--json`` also writes every number.
+forward+backward 3.5× that. By default every implementation that runs compiled on
+this device is timed (on a GPU: ours plus cuDNN and XLA's dense attention; on a CPU:
+our blockwise XLA path and XLA's dense attention), over the whole protocol, with a
+progress bar on stderr. Prints a Markdown table of TFLOP/s and ratios to cuDNN;
+``--out DIR`` also writes bench.json, bench.md and bench.png (plots, if matplotlib is
+installed; ``benchmarks/plot.py`` makes them later from the JSON).
 
-    python benchmarks/bench.py --seqlens 1024 4096 16384 --head-dims 64 128
+    python benchmarks/bench.py --out results/                       # everything
+    python benchmarks/bench.py --seqlens 1024 4096 --head-dims 128 --passes fwd
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,7 +26,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_attention import flash_attention
+from pallas_attention import available_implementations, flash_attention
+
+PROTOCOL_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+PROTOCOL_HEAD_DIMS = [64, 128, 256]
+TOKENS = 16384  # batch·seqlen (--tokens changes it, for small runs on a CPU)
+
+
+def default_impls() -> list[str]:
+  """What runs compiled here: ours (not the CPU interpreters), then the baselines."""
+  ours = available_implementations()
+  if jax.default_backend() == "gpu":
+    return ours + ["cudnn", "xla-dense"]
+  return [name for name in ours if name == "xla"] + ["xla-dense"]
+
+
+class Progress:
+  """A one-line progress bar on stderr (a plain line per step when not a terminal)."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.start = total, 0, time.perf_counter()
+    self.tty = sys.stderr.isatty()
+
+  def step(self, label: str) -> None:
+    self.done += 1
+    elapsed = time.perf_counter() - self.start
+    left = elapsed / self.done * (self.total - self.done)
+    filled = int(30 * self.done / self.total)
+    bar = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}"
+    line = f"{bar} {elapsed:4.0f}s, ~{left:.0f}s left  {label}"
+    print(
+      ("\r" + line.ljust(100)) if self.tty else line,
+      end="" if self.tty else "\n",
+      file=sys.stderr,
+      flush=True,
+    )
+    if self.tty and self.done == self.total:
+      print(file=sys.stderr)
 
 
 def _fn(impl: str, causal: bool, backward: bool):
@@ -67,7 +109,7 @@ def time_fn(fn, args, rounds: int = 5, round_seconds: float = 0.1) -> float:
 
 
 def inputs(seqlen: int, head_dim: int, seed: int = 0):
-  batch = max(1, 16384 // seqlen)
+  batch = max(1, TOKENS // seqlen)
   heads = 2048 // head_dim
   keys = jax.random.split(jax.random.key(seed), 4)
   shape = (batch, seqlen, heads, head_dim)
@@ -75,7 +117,7 @@ def inputs(seqlen: int, head_dim: int, seed: int = 0):
 
 
 def flops(seqlen: int, head_dim: int, causal: bool, backward: bool) -> float:
-  batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+  batch, heads = max(1, TOKENS // seqlen), 2048 // head_dim
   fwd = 4.0 * batch * seqlen * seqlen * heads * head_dim / (2 if causal else 1)
   return fwd * (3.5 if backward else 1.0)
 
@@ -94,20 +136,31 @@ def measure(impl, seqlen, head_dim, causal, backward) -> float | str:
 
 
 def main(argv=None) -> int:
+  global TOKENS
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
-  parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+  parser.add_argument("--seqlens", type=int, nargs="+", default=PROTOCOL_SEQLENS)
+  parser.add_argument("--head-dims", type=int, nargs="+", default=PROTOCOL_HEAD_DIMS)
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
   parser.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both")
-  parser.add_argument("--impls", nargs="+", default=["triton", "cudnn", "xla-dense"])
+  parser.add_argument(
+    "--impls", nargs="+", help="default: every implementation that runs compiled here"
+  )
   parser.add_argument("--json", help="write all results to this file")
+  parser.add_argument("--out", help="write bench.json, bench.md and bench.png into this folder")
+  parser.add_argument("--tokens", type=int, default=TOKENS, help="batch·seqlen (protocol: 16384)")
   opts = parser.parse_args(argv)
+  impls = opts.impls or default_impls()
+  TOKENS = opts.tokens
 
   causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
   passes = {"fwd": [False], "fwd+bwd": [True], "both": [False, True]}[opts.passes]
   device = jax.devices()[0]
-  print(f"# {device.device_kind}, jax {jax.__version__}, bf16, TFLOP/s", flush=True)
+  header = f"# {device.device_kind}, jax {jax.__version__}, bf16, TFLOP/s"
+  print(header, flush=True)
   results = []
+  progress = Progress(
+    len(opts.head_dims) * len(causals) * len(passes) * len(opts.seqlens) * len(impls)
+  )
   for head_dim in opts.head_dims:
     for causal in causals:
       for backward in passes:
@@ -118,42 +171,63 @@ def main(argv=None) -> int:
             "pass": "fwd+bwd" if backward else "fwd",
             "seqlen": seqlen,
           }
-          for impl in opts.impls:
+          for impl in impls:
             row[impl] = measure(impl, seqlen, head_dim, causal, backward)
+            progress.step(
+              f"hd={head_dim} {'causal ' if causal else ''}{row['pass']} {seqlen} {impl}"
+            )
           results.append(row)
-          print(json.dumps(row), file=sys.stderr, flush=True)
 
-  print(table(results, opts.impls))
-  if opts.json:
-    with open(opts.json, "w") as f:
-      json.dump(
-        {"device": device.device_kind, "jax": jax.__version__, "results": results}, f, indent=1
-      )
+  text = table(results, impls)
+  print(text)
+  record = {
+    "device": device.device_kind,
+    "jax": jax.__version__,
+    "date": time.strftime("%Y-%m-%d"),
+    "command": " ".join(["python", *sys.argv]),
+    "tokens": TOKENS,
+    "impls": impls,
+    "results": results,
+  }
+  paths = [opts.json] if opts.json else []
+  if opts.out:
+    os.makedirs(opts.out, exist_ok=True)
+    paths.append(os.path.join(opts.out, "bench.json"))
+    with open(os.path.join(opts.out, "bench.md"), "w") as f:
+      f.write(f"{header}\n\n{text}\n")
+  for path in paths:
+    with open(path, "w") as f:
+      json.dump(record, f, indent=1)
+  if opts.out:
+    try:
+      import plot
+    except ImportError as err:  # matplotlib missing: the JSON can be plotted later
+      print(f"no plot ({err}); run benchmarks/plot.py on bench.json", file=sys.stderr)
+    else:
+      plot.throughput(record, os.path.join(opts.out, "bench.png"))
   return 0
 
 
+def _number(x) -> str:
+  if not isinstance(x, float):
+    return x  # OOM or an error
+  return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def table(results, impls) -> str:
-  lines = [
-    "| head_dim | causal | pass | seqlen | "
-    + " | ".join(impls)
-    + " | "
-    + " | ".join(f"{i}/cuDNN" for i in impls if i != "cudnn")
-    + " |"
-  ]
-  lines.append("|" + "---|" * (4 + len(impls) + len([i for i in impls if i != "cudnn"])))
+  """Markdown: TFLOP/s per implementation, then each one's ratio to cuDNN (if timed)."""
+  others = [i for i in impls if i != "cudnn"] if "cudnn" in impls else []
+  head = ["head_dim", "causal", "pass", "seqlen", *impls, *(f"{i}/cuDNN" for i in others)]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in results:
-    cells = [row[i] for i in impls]
-    shown = [f"{c:.0f}" if isinstance(c, float) else c for c in cells]
+    shown = [_number(row[i]) for i in impls]
     ratios = []
-    for impl in impls:
-      if impl == "cudnn":
-        continue
-      a, c = row[impl], row.get("cudnn")
+    for impl in others:
+      a, c = row[impl], row["cudnn"]
       ratios.append(f"{a / c:.2f}" if isinstance(a, float) and isinstance(c, float) else "-")
-    lines.append(
-      f"| {row['head_dim']} | {'yes' if row['causal'] else 'no'} | {row['pass']} | "
-      f"{row['seqlen']} | " + " | ".join(shown) + " | " + " | ".join(ratios) + " |"
-    )
+    causal = "yes" if row["causal"] else "no"
+    cells = [str(row["head_dim"]), causal, row["pass"], str(row["seqlen"]), *shown, *ratios]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -23,11 +23,11 @@ for step in "${steps[@]}"; do
       python3 benchmarks/bench.py --head-dims ${BENCH_HEAD_DIMS:-64 128 256} \
         --seqlens ${BENCH_SEQLENS:-512 1024 2048 4096 8192 16384} \
         --passes ${BENCH_PASSES:-both} --causal ${BENCH_CAUSAL:-both} \
-        --impls ${BENCH_IMPLS:-mosaic triton cudnn xla xla-dense} --json "$out/bench.json" \
-        > "$out/bench.md" 2> "$out/bench.log"
+        ${BENCH_IMPLS:+--impls $BENCH_IMPLS} --out "$out" > "$out/bench.stdout" 2> "$out/bench.log"
       echo "bench: exit $?" >> "$out/summary.txt" ;;
     memory)
-      python3 benchmarks/memory.py --seqlens ${MEMORY_SEQLENS:-4096 16384 32768} > "$out/memory.md" 2> "$out/memory.log"
+      python3 benchmarks/memory.py ${MEMORY_SEQLENS:+--seqlens $MEMORY_SEQLENS} --out "$out" \
+        > "$out/memory.stdout" 2> "$out/memory.log"
       echo "memory: exit $?" >> "$out/summary.txt" ;;
     tune)
       python3 benchmarks/tune_triton.py --head-dims ${TUNE_HEAD_DIMS:-64 256} --seqlen 16384 \
