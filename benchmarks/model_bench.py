@@ -2,15 +2,19 @@
 attention, Flax's default attention and cuDNN's, in one run.
 
 Defaults are GPT-2 small: 12 layers, width 768, 12 heads (head_dim 64), vocab 50304
-(GPT-2's 50257 padded to a multiple of 64), tied embeddings; bfloat16 compute with
-float32 parameters and Adam state (mixed precision). Every step sees the same number
-of tokens (``--tokens``, default 16384), so ``batch = tokens // seqlen``. Causal
-self-attention, no dropout.
+(GPT-2's 50257 padded to a multiple of 64), tied embeddings, learned positions (so
+``seqlen × width`` parameters more at longer sequences: 124M at 1k, 136M at 16k);
+bfloat16 compute with float32 parameters and Adam state (mixed precision). Every step
+sees the same number of tokens (``--tokens``, default 16384), so
+``batch = tokens // seqlen``. Causal self-attention, no dropout.
 
 Each (seqlen, attention) runs in a fresh process, so that the allocator's peak
 (``memory_stats()["peak_bytes_in_use"]``) belongs to that configuration alone and a
 crash or out-of-memory ends only that row ("OOM" in the table). Reported: tokens/s
 over ``--steps`` timed steps after one warm-up step, peak device memory, compile time.
+A configuration costs 15-35 s of wall time on an H100, mostly process start and
+compilation (the 16k row of three took 75 s), so the default 3 × 3 run takes about 4
+minutes.
 
     python benchmarks/model_bench.py                      # GPU: 3 seqlens x 3 attentions
     python benchmarks/model_bench.py --layers 2 --width 64 --heads 2 --vocab 256 \\

@@ -200,15 +200,13 @@ def attention_fn(
       attn_weights_value_einsum=attn_weights_value_einsum,
     )
   einsums = (einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum)
-  why_flax = (
-    "attention weights are sown (module is set)"
-    if module is not None
-    else "dropout is not fused yet"
-    if dropout_rate > 0.0 and not deterministic
-    else "custom einsum functions"
-    if any(f is not None for f in einsums)
-    else None
-  )
+  why_flax = None
+  if module is not None:
+    why_flax = "attention weights are sown (module is set)"
+  elif dropout_rate > 0.0 and not deterministic:
+    why_flax = "dropout is not fused yet"
+  elif any(f is not None for f in einsums):
+    why_flax = "custom einsum functions"
   if why_flax is not None:
     if logits_soft_cap is not None:
       raise NotImplementedError(
