@@ -132,6 +132,19 @@ def available_implementations() -> list[str]:
   return [name for name in _default_order() if _unavailable(name) is None]
 
 
+def select_problem(
+  query, key, spec: masks.MaskSpec, *, scale: float, mask=None, implementation=None
+) -> Problem:
+  """The Problem flash_attention would run for checked ``[B, T, N, H]`` arrays.
+
+  For callers in this package that build the MaskSpec themselves: ring.py runs
+  blocks at a global offset, whose windows are shifted bands (sides may be negative,
+  which flash_attention's argument check rejects).
+  """
+  names = _implementation_names(implementation)
+  return _select(names, scale, spec, query, key, None, mask, False)
+
+
 def _select(names, scale, spec, query, key, bias, mask, has_lengths) -> Problem:
   reasons = []
   for name in names:

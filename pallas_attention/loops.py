@@ -101,7 +101,7 @@ def forward_rows(
   def update(s, tile, carry):
     return tiles.softmax_step(s, tile.v, *carry, precision=geo.precision)
 
-  carry = tiles.softmax_init(geo.block_q, q.shape[-1])
+  carry = tiles.softmax_init(q)
   carry = _visit_kv_blocks(geo, q, q_start, load_kv, q_len, kv_len, update, carry)
   return tiles.softmax_finish(*carry)
 
@@ -123,7 +123,9 @@ def dq_rows(
     _, ds = tiles.score_grad(s, tile.v, do, lse2, delta, geo.precision)
     return dq + tiles.dot(ds.astype(tile.k.dtype), tile.k, precision=geo.precision)
 
-  dq = jnp.zeros((geo.block_q, q.shape[-1]), jnp.float32)
+  # Built from the inputs (here and below) so that inside shard_map the loop
+  # carry varies over the same mesh axes as the loop body's result.
+  dq = jnp.zeros_like(q, jnp.float32)
   dq = _visit_kv_blocks(geo, q, q_start, load_kv, q_len, kv_len, update, dq)
   return dq * geo.scale
 
@@ -164,7 +166,7 @@ def dkv_cols(
       carry = lax.fori_loop(start, stop, body(g, masked), carry)
     return carry
 
-  zeros = jnp.zeros((geo.block_k, k.shape[-1]), jnp.float32)
+  zeros = jnp.zeros_like(k, jnp.float32)
   if num_groups == 1:
     dk, dv = group(0, (zeros, zeros))
   else:

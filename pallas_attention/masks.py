@@ -31,6 +31,11 @@ class MaskSpec:
       ``jax.nn.dot_product_attention``).
     window_left: row ``i`` sees columns ``j >= i - window_left``; None: no bound.
     window_right: row ``i`` sees columns ``j <= i + window_right``; None: no bound.
+
+  The public API takes non-negative window sides. Internally a side may be
+  negative: the band then lies off the diagonal, which is how ring.py masks a
+  block whose keys start at a different global position than its queries.
+  Every function below holds for such bands too.
   """
 
   causal: bool = False

@@ -75,10 +75,16 @@ def softmax_step(s, v, m, denom, acc, precision=EXACT):
   return m_new, denom, acc
 
 
-def softmax_init(block_q: int, head_dim: int):
-  m = jnp.full((block_q,), -jnp.inf, jnp.float32)
-  denom = jnp.zeros((block_q,), jnp.float32)
-  acc = jnp.zeros((block_q, head_dim), jnp.float32)
+def softmax_init(q):
+  """The empty online-softmax state ``(m, denom, acc)`` for a query tile ``q [bq, H]``.
+
+  Built from ``q`` so that inside ``shard_map`` it varies over the same mesh axes
+  as the updates (a loop rejects a carry whose axes change).
+  """
+  block_q = q.shape[0]
+  m = jnp.full_like(q, -jnp.inf, jnp.float32, shape=(block_q,))
+  denom = jnp.zeros_like(q, jnp.float32, shape=(block_q,))
+  acc = jnp.zeros_like(q, jnp.float32)
   return m, denom, acc
 
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_attention import reference
+
+# test_ring.py needs several devices: on CPU, XLA makes them from host threads. The
+# flag is read when JAX starts its backends (the first device query, below), not
+# at import. Other tests run on the first device as before.
+RING_DEVICES = 8
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _xla_flags:
+  os.environ["XLA_FLAGS"] = (
+    f"{_xla_flags} --xla_force_host_platform_device_count={RING_DEVICES}".strip()
+  )
 
 ON_GPU = jax.default_backend() == "gpu"
 # Every implementation that can run here: on CPU Triton runs in interpret mode.

@@ -34,6 +34,9 @@ SPECS = [
   masks.MaskSpec(window_left=None, window_right=9),
   masks.MaskSpec(causal=True, window_left=20),
   masks.MaskSpec(causal=True, window_left=4, window_right=30),
+  # Bands off the diagonal (negative sides), as ring.py builds for shifted blocks.
+  masks.MaskSpec(window_left=-20, window_right=45),
+  masks.MaskSpec(window_left=40, window_right=-12),
 ]
 SHAPES = [(37, 37), (64, 100), (100, 41), (1, 70)]
 
