@@ -22,6 +22,9 @@ from pallas_attention import (
 )
 
 AXIS = "sp"
+# The CPU tests run on CPU devices (also on the GPU machine, where implementation=None
+# would pick GPU kernels for them), so they name the blockwise implementation.
+CPU_IMPL = "xla"
 
 
 def _mesh(num_devices: int, platform: str = "cpu"):
@@ -49,7 +52,7 @@ def _ring_vjp(mesh, layout, q, k, v, ids, **kwargs):
 
   # check_vma=False: the triton/mosaic kernels (a GPU run) do not declare their
   # outputs' mesh axes yet; the CPU tests run check_vma=True in the test below.
-  check_vma = kwargs.get("implementation") == "xla"
+  check_vma = kwargs.get("implementation") == CPU_IMPL
   sharded = jax.shard_map(
     local, mesh=mesh, in_specs=P(None, AXIS), out_specs=P(None, AXIS), check_vma=check_vma
   )
@@ -95,10 +98,15 @@ def test_ring_matches_single_device(case, rng):
   options = dict(is_causal=causal, local_window_size=window)
 
   mesh = _mesh(num_devices)
-  out, grads = _ring_grads(mesh, layout, q, k, v, do, ids, implementation="xla", **options)
+  out, grads = _ring_grads(mesh, layout, q, k, v, do, ids, implementation=CPU_IMPL, **options)
   with jax.default_device(mesh.devices.flat[0]):
     single, single_vjp = jax.vjp(
-      lambda q, k, v: flash_attention(q, k, v, mask=_segment_mask(ids), **options), q, k, v
+      lambda q, k, v: flash_attention(
+        q, k, v, mask=_segment_mask(ids), implementation=CPU_IMPL, **options
+      ),
+      q,
+      k,
+      v,
     )
     single_grads = single_vjp(do)
   want_out, _, want_grads = reference_with_grads(q, k, v, do, mask=_segment_mask(ids), **options)
@@ -122,14 +130,15 @@ def test_one_device_is_the_plain_call(rng):
   q, k, v, do = (normal(rng, (128, 2, 32)) for _ in range(4))
   mesh = _mesh(1)
   with jax.default_device(mesh.devices.flat[0]):
+    options = dict(is_causal=True, implementation=CPU_IMPL)
     sharded = jax.shard_map(
-      lambda q, k, v: ring_attention(q, k, v, axis_name=AXIS, is_causal=True, layout="zigzag"),
+      lambda q, k, v: ring_attention(q, k, v, axis_name=AXIS, layout="zigzag", **options),
       mesh=mesh,
       in_specs=P(AXIS),
       out_specs=P(AXIS),
     )
     out, vjp = jax.vjp(jax.jit(sharded), q, k, v)
-    want, want_vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, is_causal=True), q, k, v)
+    want, want_vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, **options), q, k, v)
     for got, expected in zip((out, *vjp(do)), (want, *want_vjp(do)), strict=True):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
@@ -140,13 +149,13 @@ def test_flash_attention_inside_shard_map(rng):
   mesh = _mesh(4)
   with jax.default_device(mesh.devices.flat[0]):
     sharded = jax.shard_map(
-      lambda q, k, v: flash_attention(q, k, v, is_causal=True, implementation="xla"),
+      lambda q, k, v: flash_attention(q, k, v, is_causal=True, implementation=CPU_IMPL),
       mesh=mesh,
       in_specs=P(AXIS),
       out_specs=P(AXIS),
     )
     got = jax.jit(sharded)(q, k, v)
-    want = flash_attention(q, k, v, is_causal=True, implementation="xla")
+    want = flash_attention(q, k, v, is_causal=True, implementation=CPU_IMPL)
   assert rel_err(got, want) < 1e-6
 
 
@@ -279,7 +288,7 @@ def _call_sharded(num_devices, seqlen, **kwargs):
   mesh = _mesh(num_devices)
   q = jnp.zeros((1, seqlen, 2, 16))
   sharded = jax.shard_map(
-    lambda q: ring_attention(q, q, q, axis_name=AXIS, **kwargs),
+    lambda q: ring_attention(q, q, q, axis_name=AXIS, **{"implementation": CPU_IMPL, **kwargs}),
     mesh=mesh,
     in_specs=P(None, AXIS),
     out_specs=P(None, AXIS),
