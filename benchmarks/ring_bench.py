@@ -74,10 +74,8 @@ def ring_fn(mesh, causal: bool, layout: str, backward: bool, implementation=None
       q, k, v, axis_name=AXIS, is_causal=causal, layout=layout, implementation=implementation
     )
 
-  # check_vma=False: the triton and mosaic kernels do not declare their outputs'
-  # mesh axes, which shard_map's check_vma=True asks of a pallas_call.
   spec = P(None, AXIS)
-  attn = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+  attn = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)
   return _with_pass(attn, backward)
 
 

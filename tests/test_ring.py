@@ -50,12 +50,8 @@ def _ring_vjp(mesh, layout, q, k, v, ids, **kwargs):
     segments = {} if ids is None else dict(q_segment_ids=ids, kv_segment_ids=ids)
     return ring_attention(q, k, v, axis_name=AXIS, layout=layout, **segments, **kwargs)
 
-  # check_vma=False: the triton/mosaic kernels (a GPU run) do not declare their
-  # outputs' mesh axes yet; the CPU tests run check_vma=True in the test below.
-  check_vma = kwargs.get("implementation") == CPU_IMPL
-  sharded = jax.shard_map(
-    local, mesh=mesh, in_specs=P(None, AXIS), out_specs=P(None, AXIS), check_vma=check_vma
-  )
+  # shard_map's default check_vma=True: every kernel declares the mesh axes its outputs vary over.
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=P(None, AXIS), out_specs=P(None, AXIS))
   ids = None if ids is None else reorder(ids)
   return jax.vjp(lambda q, k, v: restore(sharded(reorder(q), reorder(k), reorder(v), ids)), q, k, v)
 
@@ -157,6 +153,28 @@ def test_flash_attention_inside_shard_map(rng):
     got = jax.jit(sharded)(q, k, v)
     want = flash_attention(q, k, v, is_causal=True, implementation=CPU_IMPL)
   assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["triton", "mosaic"])
+def test_gpu_kernels_type_check_under_shard_map(implementation):
+  """The Pallas GPU kernels' outputs carry the mesh axes they vary over, so ring attention
+  (forward and its custom backward) traces under shard_map's default check_vma=True.
+
+  Tracing only: the CPU interpreters cannot run under check_vma (Pallas' interpret mode
+  evaluates the kernel with its inputs' types stripped), the GPU test below runs it.
+  """
+  mesh = _mesh(2)
+  spec = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+
+  def local(q, k, v):
+    return ring_attention(
+      q, k, v, axis_name=AXIS, is_causal=True, layout="zigzag", implementation=implementation
+    )
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=P(None, AXIS), out_specs=P(None, AXIS))
+  loss = lambda q, k, v: sharded(q, k, v).astype(jnp.float32).sum()
+  grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), spec, spec, spec)
+  assert [(g.shape, g.dtype) for g in grads] == [(spec.shape, spec.dtype)] * 3
 
 
 # ---- The static schedule, against visibility computed directly ----------------------

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_attention import autotune, tuning
+from pallas_attention.kernel_types import vary_like
 from pallas_attention.mosaic import forward as fwd
 from pallas_attention.problem import Problem, pad_axis, round_up
 
@@ -150,7 +151,7 @@ def _fold_vmap(fn):
 def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32)."""
   del bias, mask, q_len, kv_len  # supports() admits only the static full lengths
-  return _fold_vmap(functools.partial(_forward, problem))(q, k, v)
+  return vary_like(_fold_vmap(functools.partial(_forward, problem))(q, k, v), q, k, v)
 
 
 def _forward(problem: Problem, q, k, v):
@@ -175,7 +176,8 @@ def _forward(problem: Problem, q, k, v):
 def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, delta):
   """``dq, dk, dv`` (see core._attention_bwd for lse2 and delta)."""
   del bias, mask, q_len, kv_len
-  return _fold_vmap(functools.partial(_backward, problem))(q, k, v, do, lse2, delta)
+  grads = _fold_vmap(functools.partial(_backward, problem))(q, k, v, do, lse2, delta)
+  return vary_like(grads, q, k, v, do, lse2, delta)
 
 
 def _backward(problem: Problem, q, k, v, do, lse2, delta):

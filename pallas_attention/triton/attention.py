@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_attention import loops, tiles, tuning
+from pallas_attention.kernel_types import out_type
 from pallas_attention.problem import Problem, pad_axis, pad_extra, round_up
 
 MAX_HEAD_DIM = 256
@@ -150,8 +151,8 @@ def forward(problem: Problem, q, k, v, bias, mask, q_len, kv_len):
     kernel,
     grid=(t_pad // blocks.fwd_q, b, n),
     out_shape=[
-      jax.ShapeDtypeStruct((b, t_pad, n, h_pad), q.dtype),
-      jax.ShapeDtypeStruct((b, n, t_pad), jnp.float32),
+      out_type((b, t_pad, n, h_pad), q.dtype, q_len, kv_len, q, k, v, *extras),
+      out_type((b, n, t_pad), jnp.float32, q_len, kv_len, q, k, v, *extras),
     ],
     compiler_params=plgpu.CompilerParams(num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages),
     interpret=_interpret(),
@@ -262,7 +263,7 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
       _dkv_kernel, geo=_geometry(problem, blocks.dkv_q, blocks.dkv_k, mask, q.dtype), **common
     ),
     grid=(s_pad // blocks.dkv_k, b, num_kv_heads),
-    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    out_shape=[out_type(k.shape, k.dtype, *inputs), out_type(v.shape, v.dtype, *inputs)],
     compiler_params=plgpu.CompilerParams(num_warps=blocks.dkv_warps, num_stages=blocks.dkv_stages),
     interpret=_interpret(),
     name="pallas_attention_dkv",
@@ -272,7 +273,7 @@ def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, del
       _dq_kernel, geo=_geometry(problem, blocks.dq_q, blocks.dq_k, mask, q.dtype), **common
     ),
     grid=(t_pad // blocks.dq_q, b, n),
-    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    out_shape=out_type(q.shape, q.dtype, *inputs),
     compiler_params=plgpu.CompilerParams(num_warps=blocks.dq_warps, num_stages=blocks.dq_stages),
     interpret=_interpret(),
     name="pallas_attention_dq",
