@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine should run, in one call of the device tool:
-#   benchmarks/gpu_check.sh [tests] [bench] [memory] [tune] [tune-mosaic]   (default: tests bench memory)
+#   benchmarks/gpu_check.sh [tests] [bench] [memory] [long] [tune] [tune-mosaic]
+#   (default: tests bench memory; long = one GPU's fwd+bwd rate at the ring's local lengths)
 # Logs and JSON go to $OUT (or ./gpu_out); the last lines printed are the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,17 @@ for step in "${steps[@]}"; do
       python3 benchmarks/memory.py ${MEMORY_SEQLENS:+--seqlens $MEMORY_SEQLENS} --out "$out" \
         > "$out/memory.stdout" 2> "$out/memory.log"
       echo "memory: exit $?" >> "$out/summary.txt" ;;
+    long)
+      # One GPU, causal fwd+bwd at long lengths (a one-device ring is plain flash_attention),
+      # with the SM clock, power and throttle reasons sampled each second beside it.
+      nvidia-smi --query-gpu=index,timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv -l 1 > "$out/long_clocks.csv" 2>&1 & sampler=$!
+      python3 benchmarks/ring_bench.py --scaling --devices 1 --rounds 2 \
+        --seqlens ${LONG_SEQLENS:-16384 65536 131072 262144 524288} --json "$out/long.json" \
+        > "$out/long.md" 2> "$out/long.log"
+      echo "long: exit $?" >> "$out/summary.txt"
+      kill "$sampler" 2>/dev/null
+      python3 benchmarks/clocks.py "$out/long_clocks.csv" >> "$out/long.md" ;;
     tune)
       python3 benchmarks/tune_triton.py --head-dims ${TUNE_HEAD_DIMS:-64 256} --seqlen 16384 \
         > "$out/tune.log" 2>&1
@@ -44,5 +56,5 @@ for step in "${steps[@]}"; do
 done
 cat "$out/summary.txt"
 [ -f "$out/tests.log" ] && grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-200
-for table in bench memory; do [ -f "$out/$table.md" ] && cat "$out/$table.md"; done
+for table in bench memory long; do [ -f "$out/$table.md" ] && cat "$out/$table.md"; done
 exit 0

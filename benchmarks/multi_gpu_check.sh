@@ -27,15 +27,23 @@ for step in "${steps[@]}"; do
         echo "correctness P=$p: exit $?" >> "$out/summary.txt"
       done ;;
     scaling)
+      # SM clock, power and throttle reasons of every GPU, sampled each second beside the runs.
+      nvidia-smi --query-gpu=index,timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv -l 1 > "$out/scaling_clocks.csv" 2>&1 & sampler=$!
       for p in $sizes; do
         python3 benchmarks/ring_bench.py --scaling --devices "$p" \
           --seqlens ${SCALING_SEQLENS:-262144 524288 1048576} --rounds ${SCALING_ROUNDS:-2} \
           --json "$out/scaling_$p.json" > "$out/scaling_$p.md" 2> "$out/scaling_$p.log"
         echo "scaling P=$p: exit $?" >> "$out/summary.txt"
-      done ;;
+      done
+      kill "$sampler" 2>/dev/null
+      python3 benchmarks/clocks.py "$out/scaling_clocks.csv" > "$out/scaling_clocks.md" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
 cat "$out/summary.txt"
+# The device tool returns at most 8 files: the logs and clock samples travel as one archive.
+(cd "$out" && shopt -s nullglob && logs=(./*.log ./*.csv) && [ ${#logs[@]} -gt 0 ] \
+  && tar czf logs.tgz "${logs[@]}" && rm -f "${logs[@]}")
 for f in "$out"/correctness_*.md "$out"/scaling_*.md; do [ -f "$f" ] && { echo "## $f"; cat "$f"; }; done
 exit 0

@@ -86,7 +86,7 @@ def memory(record: dict, path: str) -> None:
   ax.set_xlabel("sequence length")
   ax.set_ylabel("peak memory of forward+backward (GiB)")
   ax.set_title(
-    f"{record['device']}, jax {record['jax']}: {record.get('shape_note', '')}", fontsize=9
+    f"{record['device']}, jax {record['jax']}\n{record.get('shape_note', '')}", fontsize=9
   )
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
