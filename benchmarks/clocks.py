@@ -1,10 +1,10 @@
 """Summarise an nvidia-smi clock log taken beside a benchmark: per GPU, the SM clock while busy.
 
-The scripts sample with
-    nvidia-smi --query-gpu=index,timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv -l 1
-and call ``python benchmarks/clocks.py FILE``. A sample is "busy" when the board draws more
-than ``--busy-watts``. Throttle reasons are nvidia-smi's bit mask (0x4: software power cap,
-0x20/0x40: thermal slowdown).
+The scripts sample with ``nvidia-smi --format=csv -l 1 --query-gpu=`` the fields index,
+timestamp, clocks.sm, power.draw, temperature.gpu, clocks_throttle_reasons.active, and
+call ``python benchmarks/clocks.py FILE``. A sample is "busy" when the board draws more
+than ``--busy-watts``. Throttle reasons are nvidia-smi's bit mask (0x4: software power
+cap, 0x20/0x40: thermal slowdown).
 """
 
 from __future__ import annotations
