@@ -47,7 +47,7 @@ for step in "${steps[@]}"; do
       grep -A1 BEST "$out/tune.log" ;;
     tune-mosaic)
       python3 benchmarks/tune_mosaic.py --head-dims ${TUNE_HEAD_DIMS:-64 128 256} \
-        --seqlen ${TUNE_SEQLEN:-4096} --causal ${TUNE_CAUSAL:-both} --parts ${TUNE_PARTS:-fwd bwd} \
+        --seqlen ${TUNE_SEQLEN:-4096} --causal ${TUNE_CAUSAL:-both} --parts ${TUNE_PARTS:-fwd bwd} ${TUNE_FWD_KV:+--fwd-kv $TUNE_FWD_KV} \
         > "$out/tune_mosaic.log" 2>&1
       echo "tune-mosaic: exit $?" >> "$out/summary.txt"
       grep BEST "$out/tune_mosaic.log" ;;

@@ -10,6 +10,7 @@ best first, then a line ``BEST ...`` per part. Winners go into tuning.py by hand
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,9 @@ def main():
   parser.add_argument("--seqlen", type=int, default=4096)
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
   parser.add_argument("--parts", nargs="+", default=["fwd", "bwd"])
+  parser.add_argument(
+    "--fwd-kv", type=int, nargs="+", help="forward key-tile rows to try (default: the table's)"
+  )
   opts = parser.parse_args()
   causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
   if opts.parts == ["split"]:
@@ -87,7 +91,15 @@ def main():
       for part in opts.parts:
         work = flops(opts.seqlen, head_dim, causal, False) * (1.0 if part == "fwd" else 2.5)
         rows = []
-        for blocks in tuning.mosaic_candidates(head_dim, part):
+        candidates = tuning.mosaic_candidates(head_dim, part)
+        if part == "fwd" and opts.fwd_kv:
+          base = tuning.mosaic_blocks(head_dim)
+          candidates = [
+            dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages)
+            for kv in opts.fwd_kv
+            for stages in (2, 3)
+          ]
+        for blocks in candidates:
           try:
             seconds = _timer(blocks, opts.seqlen, head_dim, causal, part)
             rows.append((work / seconds / 1e12, blocks))
