@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine should run, in one call of the device tool:
-#   benchmarks/gpu_check.sh [tests] [bench] [memory] [long] [tune] [tune-mosaic]
-#   (default: tests bench memory; long = one GPU's fwd+bwd rate at the ring's local lengths)
+#   benchmarks/gpu_check.sh [tests] [bench] [memory] [long] [gqa] [tune] [tune-mosaic]
+#   (default: tests bench memory; long = one GPU's fwd+bwd rate at the ring's local lengths;
+#   gqa = the mosaic GQA forward with and without head pairs against cuDNN)
 # Logs and JSON go to $OUT (or ./gpu_out); the last lines printed are the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,9 @@ for step in "${steps[@]}"; do
       echo "long: exit $?" >> "$out/summary.txt"
       kill "$sampler" 2>/dev/null
       python3 benchmarks/clocks.py "$out/long_clocks.csv" >> "$out/long.md" ;;
+    gqa)
+      python3 benchmarks/gqa_bench.py > "$out/gqa.md" 2> "$out/gqa.log"
+      echo "gqa: exit $?" >> "$out/summary.txt" ;;
     tune)
       python3 benchmarks/tune_triton.py --head-dims ${TUNE_HEAD_DIMS:-64 256} --seqlen 16384 \
         > "$out/tune.log" 2>&1
@@ -56,5 +60,5 @@ for step in "${steps[@]}"; do
 done
 cat "$out/summary.txt"
 [ -f "$out/tests.log" ] && grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-200
-for table in bench memory long; do [ -f "$out/$table.md" ] && cat "$out/$table.md"; done
+for table in bench memory long gqa; do [ -f "$out/$table.md" ] && cat "$out/$table.md"; done
 exit 0
