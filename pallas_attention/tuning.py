@@ -123,9 +123,11 @@ _MOSAIC = {
 MOSAIC_INTERPRETER = MosaicBlocks(128, 2, 64, 64, 64, 64, 2)
 
 
-# Key sequences shorter than this use 128-row forward key tiles at head_dim 64: the
-# 256-row tiles gain 12% at 16k but lose up to 15% on short causal runs (H100,
-# benchmarks/NOTES.md).
+# Causal calls with key sequences shorter than this use 128-row forward key tiles at
+# head_dim 64: the 256-row tiles gain 12% at 16k but lose up to 15% on short causal runs
+# (H100, benchmarks/NOTES.md). Non-causal calls keep 256 rows at every length: on the
+# H100 they gain 5% at 1k and 8% at 2k over 128 rows, and tie at 512
+# (results/h100_tune_hd64_short.log).
 _MOSAIC_LONG_KV = 8192
 
 
@@ -134,9 +136,8 @@ def mosaic_blocks(head_dim: int, causal: bool = False, kv_len: int | None = None
 
   ``kv_len``: the key sequence length, when known (None: long).
   """
-  del causal  # one table for both until measurements say otherwise
   blocks = _MOSAIC[head_dim]
-  if blocks.fwd_kv > 128 and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
+  if blocks.fwd_kv > 128 and causal and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
     blocks = dataclasses.replace(blocks, fwd_kv=128)
   return blocks
 

@@ -85,11 +85,12 @@ def test_forward_kernel_rejects_ragged_shapes(rng):
 
 
 def test_block_table_short_and_long_keys():
-  """head_dim 64 takes 256-row forward key tiles only for long key sequences."""
+  """head_dim 64 takes 256-row forward key tiles except for short causal key sequences."""
   from pallas_attention import tuning
 
-  assert tuning.mosaic_blocks(64, kv_len=16384).fwd_kv == 256
-  assert tuning.mosaic_blocks(64, kv_len=4096).fwd_kv == 128
+  assert tuning.mosaic_blocks(64, causal=True, kv_len=16384).fwd_kv == 256
+  assert tuning.mosaic_blocks(64, causal=True, kv_len=4096).fwd_kv == 128
+  assert tuning.mosaic_blocks(64, causal=False, kv_len=1024).fwd_kv == 256
   assert tuning.mosaic_blocks(128, kv_len=16384).fwd_kv == 128
   assert tuning.mosaic_blocks(256).dkv_split
 
