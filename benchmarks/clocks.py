@@ -1,18 +1,30 @@
 """Summarise an nvidia-smi clock log taken beside a benchmark: per GPU, the SM clock while busy.
 
-The scripts sample with ``nvidia-smi --format=csv -l 1 --query-gpu=`` the fields index,
-timestamp, clocks.sm, power.draw, temperature.gpu, clocks_throttle_reasons.active, and
-call ``python benchmarks/clocks.py FILE``. A sample is "busy" when the board draws more
-than ``--busy-watts``. Throttle reasons are nvidia-smi's bit mask (0x4: software power
-cap, 0x20/0x40: thermal slowdown).
+    python benchmarks/clocks.py --sample FILE &   # nvidia-smi, one line per GPU a second
+    python benchmarks/clocks.py FILE             # the Markdown summary
+
+A sample is "busy" when the board draws more than ``--busy-watts``. Throttle reasons are
+nvidia-smi's bit mask (0x4: software power cap, 0x20/0x40: thermal slowdown).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
+
+FIELDS = "index,timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+
+
+def sample(path: str) -> None:
+  """Replace this process by nvidia-smi writing FIELDS to ``path`` each second (same pid,
+  so the caller's ``kill`` stops it)."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  os.dup2(fd, 1)
+  os.dup2(fd, 2)
+  os.execvp("nvidia-smi", ["nvidia-smi", f"--query-gpu={FIELDS}", "--format=csv", "-l", "1"])
 
 
 def summarise(path: str, busy_watts: float) -> list[str]:
@@ -47,7 +59,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("path")
   parser.add_argument("--busy-watts", type=float, default=400.0)
+  parser.add_argument("--sample", action="store_true", help="write samples to path instead")
   opts = parser.parse_args(argv)
+  if opts.sample:
+    sample(opts.path)
   print("\n".join(summarise(opts.path, opts.busy_watts)))
   return 0
 

@@ -34,8 +34,7 @@ for step in "${steps[@]}"; do
     long)
       # One GPU, causal fwd+bwd at long lengths (a one-device ring is plain flash_attention),
       # with the SM clock, power and throttle reasons sampled each second beside it.
-      nvidia-smi --query-gpu=index,timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-        --format=csv -l 1 > "$out/long_clocks.csv" 2>&1 & sampler=$!
+      python3 benchmarks/clocks.py --sample "$out/long_clocks.csv" & sampler=$!
       python3 benchmarks/ring_bench.py --scaling --devices 1 --rounds 2 \
         --seqlens ${LONG_SEQLENS:-16384 65536 131072 262144 524288} --json "$out/long.json" \
         > "$out/long.md" 2> "$out/long.log"

@@ -16,7 +16,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from bench import TOKENS, time_fn
+from bench import TOKENS, flops, time_fn
 
 from pallas_attention import masks, tuning
 from pallas_attention.mosaic import attention as mosaic
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
             jax.random.normal(x, (batch, seqlen, heads // group, head_dim), jnp.bfloat16)
             for x in keys[1:]
           )
-          work = 4 * batch * seqlen * seqlen * heads * head_dim / (2 if causal else 1)
+          work = flops(seqlen, head_dim, causal, False)
           base = tuning.mosaic_blocks(head_dim, causal, seqlen)
           outs, rates = [], []
           for pairs in (False, True):

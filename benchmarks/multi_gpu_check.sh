@@ -28,8 +28,7 @@ for step in "${steps[@]}"; do
       done ;;
     scaling)
       # SM clock, power and throttle reasons of every GPU, sampled each second beside the runs.
-      nvidia-smi --query-gpu=index,timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-        --format=csv -l 1 > "$out/scaling_clocks.csv" 2>&1 & sampler=$!
+      python3 benchmarks/clocks.py --sample "$out/scaling_clocks.csv" & sampler=$!
       for p in $sizes; do
         python3 benchmarks/ring_bench.py --scaling --devices "$p" \
           --seqlens ${SCALING_SEQLENS:-262144 524288 1048576} --rounds ${SCALING_ROUNDS:-2} \

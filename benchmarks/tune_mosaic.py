@@ -10,7 +10,6 @@ best first, then a line ``BEST ...`` per part. Winners go into tuning.py by hand
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +66,10 @@ def main():
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
   parser.add_argument("--parts", nargs="+", default=["fwd", "bwd"])
   parser.add_argument(
-    "--fwd-kv", type=int, nargs="+", help="forward key-tile rows to try (default: the table's)"
+    "--fwd-kv",
+    type=int,
+    nargs="+",
+    help="forward key-tile rows to try (default: tuning.mosaic_candidates')",
   )
   opts = parser.parse_args()
   causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
@@ -91,15 +93,8 @@ def main():
       for part in opts.parts:
         work = flops(opts.seqlen, head_dim, causal, False) * (1.0 if part == "fwd" else 2.5)
         rows = []
-        candidates = tuning.mosaic_candidates(head_dim, part)
-        if part == "fwd" and opts.fwd_kv:
-          base = tuning.mosaic_blocks(head_dim)
-          candidates = [
-            dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages)
-            for kv in opts.fwd_kv
-            for stages in (2, 3)
-          ]
-        for blocks in candidates:
+        extra = {"fwd_kv": tuple(opts.fwd_kv)} if opts.fwd_kv else {}
+        for blocks in tuning.mosaic_candidates(head_dim, part, **extra):
           try:
             seconds = _timer(blocks, opts.seqlen, head_dim, causal, part)
             rows.append((work / seconds / 1e12, blocks))

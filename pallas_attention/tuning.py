@@ -142,7 +142,9 @@ def mosaic_blocks(head_dim: int, causal: bool = False, kv_len: int | None = None
   return blocks
 
 
-def mosaic_candidates(head_dim: int, part: str, interpreter: bool = False) -> list[MosaicBlocks]:
+def mosaic_candidates(
+  head_dim: int, part: str, interpreter: bool = False, fwd_kv: tuple[int, ...] = (64, 128, 256)
+) -> list[MosaicBlocks]:
   """What the opt-in autotuner tries for a head dim; ``part`` is "fwd" or "bwd".
 
   Each candidate changes only that part's fields of the table entry, so the two
@@ -150,6 +152,7 @@ def mosaic_candidates(head_dim: int, part: str, interpreter: bool = False) -> li
   memory fail to compile and are skipped by the autotuner. ``interpreter``: the
   Mosaic GPU interpreter on CPU, where only one-consumer backward blocks run
   reliably (see MOSAIC_INTERPRETER) and each call takes seconds: two candidates.
+  ``fwd_kv``: the forward key-tile rows tried on a GPU (each with 2 and 3 stages).
   """
   if interpreter:
     base = MOSAIC_INTERPRETER
@@ -159,9 +162,7 @@ def mosaic_candidates(head_dim: int, part: str, interpreter: bool = False) -> li
   base = mosaic_blocks(head_dim)
   if part == "fwd":
     return [
-      dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages)
-      for kv in (64, 128, 256)
-      for stages in (2, 3)
+      dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages) for kv in fwd_kv for stages in (2, 3)
     ]
   return [
     dataclasses.replace(base, dkv_q=dkv_q, dkv_kv=dkv_kv, dq_q=dq_q, dq_kv=dq_kv, bwd_stages=st)
