@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU machine should run, in one call of the device tool:
-#   benchmarks/gpu_check.sh [tests] [bench] [memory] [long] [gqa] [tune] [tune-mosaic]
+#   benchmarks/gpu_check.sh [tests] [bench] [memory] [long] [gqa] [fused] [tune] [tune-mosaic]
 #   (default: tests bench memory; long = one GPU's fwd+bwd rate at the ring's local lengths;
-#   gqa = the mosaic GQA forward with and without head pairs against cuDNN)
+#   gqa = the mosaic GQA forward with and without head pairs against cuDNN;
+#   fused = fwd+bwd with the fused backward against the default and cuDNN)
 # Logs and JSON go to $OUT (or ./gpu_out); the last lines printed are the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,11 @@ for step in "${steps[@]}"; do
     gqa)
       python3 benchmarks/gqa_bench.py > "$out/gqa.md" 2> "$out/gqa.log"
       echo "gqa: exit $?" >> "$out/summary.txt" ;;
+    fused)
+      python3 benchmarks/fused_bench.py --head-dims ${FUSED_HEAD_DIMS:-64 128} \
+        --seqlens ${FUSED_SEQLENS:-2048 4096 8192 16384} --causal ${FUSED_CAUSAL:-both} \
+        --json "$out/fused.json" > "$out/fused.md" 2> "$out/fused.log"
+      echo "fused: exit $?" >> "$out/summary.txt" ;;
     tune)
       python3 benchmarks/tune_triton.py --head-dims ${TUNE_HEAD_DIMS:-64 256} --seqlen 16384 \
         > "$out/tune.log" 2>&1
@@ -59,5 +65,5 @@ for step in "${steps[@]}"; do
 done
 cat "$out/summary.txt"
 [ -f "$out/tests.log" ] && grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-200
-for table in bench memory long gqa; do [ -f "$out/$table.md" ] && cat "$out/$table.md"; done
+for table in bench memory long gqa fused; do [ -f "$out/$table.md" ] && cat "$out/$table.md"; done
 exit 0

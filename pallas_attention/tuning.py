@@ -102,6 +102,12 @@ class MosaicBlocks:
   # so each key/value tile serves both. Correct; measured on an H100 at 0.95-1.06x the
   # plain forward with no direction (benchmarks/RESULTS.md), so off by default.
   fwd_head_pairs: bool = False
+  # One backward kernel for dK, dV and dQ (5 tile products instead of 7): each dK/dV
+  # CTA adds its share of dQ into a float32 buffer with TMA reduce-add. The order of
+  # those additions varies from run to run, so dQ is not bitwise deterministic; off by
+  # default. Needs dkv_split off, and dkv_kv = 128 with dkv_q = 128 (or dkv_q = 64 at
+  # head dim 128), or dkv_kv = 64 with dkv_q = 64.
+  bwd_fused: bool = False
 
 
 # head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096

@@ -110,6 +110,49 @@ def test_backward_split_dkv(b, t, s, n, kv_heads, h, spec, lengths, rng):
   _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, SPLIT)
 
 
+# The fused backward (dQ added by the dK/dV kernel): one consumer (the interpreter's
+# blocks), two consumers sharing out dQ by query rows, and by columns (head dim 128).
+FUSED_ONE = tuning.MosaicBlocks(128, 2, 64, 64, 64, 64, 2, bwd_fused=True)
+FUSED_ROWS = tuning.MosaicBlocks(128, 2, 128, 128, 128, 64, 2, bwd_fused=True)
+FUSED_COLS = tuning.MosaicBlocks(128, 2, 64, 128, 128, 64, 2, bwd_fused=True)
+# In the interpreter a kernel with two consumers and a producer can hang on a 2-core
+# machine (see tuning.MOSAIC_INTERPRETER): those run on the GPU and are lowered on CPU.
+_ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="two consumers: GPU (lowered on CPU)")
+
+
+@pytest.mark.parametrize(
+  "b,t,s,n,kv_heads,h,spec,lengths,blocks",
+  [
+    (2, 128, 256, 2, 2, 64, masks.MaskSpec(), None, FUSED_ONE),
+    (1, 256, 256, 4, 2, 64, masks.MaskSpec(True), (200, 230), FUSED_ONE),  # GQA, padding
+    (1, 192, 256, 2, 1, 128, masks.MaskSpec(False, 40, 17), None, FUSED_ONE),
+    pytest.param(
+      1, 256, 384, 4, 2, 64, masks.MaskSpec(True), (200, 330), FUSED_ROWS, marks=_ON_GPU_ONLY
+    ),
+    pytest.param(
+      1, 256, 256, 4, 2, 128, masks.MaskSpec(True), (200, 230), FUSED_COLS, marks=_ON_GPU_ONLY
+    ),
+    pytest.param(
+      2, 256, 128, 2, 1, 128, masks.MaskSpec(False, 40, 17), None, FUSED_COLS, marks=_ON_GPU_ONLY
+    ),
+  ],
+  ids=["one", "one_gqa_causal_lengths", "one_h128_window", "rows", "cols", "cols_window"],
+)
+def test_backward_fused(b, t, s, n, kv_heads, h, spec, lengths, blocks, rng):
+  q_len, kv_len = lengths or (None, None)
+  _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, blocks)
+
+
+def test_backward_fused_rejects_blocks_it_cannot_share_out(rng):
+  q = normal(rng, (1, 256, 1, 64), jnp.bfloat16)
+  vec = jnp.zeros((1, 1, 256), jnp.float32)
+  blocks = dataclasses.replace(FUSED_COLS)  # 64-column halves need head dim 128
+  with pytest.raises(ValueError, match="bwd_fused"):
+    mosaic_bwd.backward(
+      q, q, q, q, vec, vec, scale=0.125, spec=masks.MaskSpec(), q_len=256, kv_len=256, blocks=blocks
+    )
+
+
 def test_backward_through_shared_memory(rng):
   """``p_in_registers=False`` explicitly (the only path the interpreter runs)."""
   spec = masks.MaskSpec(True, 70, None)
@@ -117,7 +160,10 @@ def test_backward_through_shared_memory(rng):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
-@pytest.mark.parametrize("h,blocks", [(64, None), (128, TALL), (256, None), (256, "no_split")])
+@pytest.mark.parametrize(
+  "h,blocks",
+  [(64, None), (128, TALL), (256, None), (256, "no_split"), (64, FUSED_ROWS), (128, FUSED_COLS)],
+)
 def test_register_path_lowers_for_cuda(h, blocks):
   """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit."""
   if blocks == "no_split":  # one warpgroup holding both dK and dV (it spills, but lowers)

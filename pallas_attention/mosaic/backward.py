@@ -57,6 +57,13 @@ def check(q, k, blocks: tuning.MosaicBlocks) -> None:
   sizes = (blocks.dkv_q, blocks.dkv_kv, blocks.dq_q, blocks.dq_kv)
   if any(size % 64 or size > 256 for size in sizes) or blocks.bwd_stages < 1:
     raise ValueError(f"mosaic backward: blocks {blocks} must be multiples of 64, at most 256")
+  if blocks.bwd_fused and (
+    blocks.dkv_split or fused_slab(blocks.dkv_q, h, blocks.dkv_kv // ROWS) is None
+  ):
+    raise ValueError(
+      f"mosaic backward: bwd_fused needs dkv_split off and dkv_kv, dkv_q of (128, 128), "
+      f"(128, 64) at head dim 128 or (64, 64); got {blocks}"
+    )
   if t % max(blocks.dkv_q, blocks.dq_q) or s % max(blocks.dkv_kv, blocks.dq_kv):
     raise ValueError(f"mosaic backward: T={t}, S={s} must be multiples of the blocks {blocks}")
 
@@ -116,14 +123,15 @@ def _iota(shape, dim):
   return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block):
+def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_rows=ROWS):
   """Tiles ``lo <= c_lo <= f_lo <= f_hi <= c_hi <= hi`` of the other axis.
 
   ``[lo, hi)``: the tiles the CTA streams; ``[c_lo, c_hi)``: those that this
-  warpgroup's 64 rows may see; ``[f_lo, f_hi)``: those they see in every element.
+  warpgroup's ``wg_rows`` rows may see; ``[f_lo, f_hi)``: those they see in every
+  element.
   """
   lo, _, _, hi = block_range(cta_start, cta_rows, other_block)
-  c_lo, f_lo, f_hi, c_hi = block_range(wg_start, ROWS, other_block)
+  c_lo, f_lo, f_hi, c_hi = block_range(wg_start, wg_rows, other_block)
   c_lo = jnp.clip(c_lo, lo, hi)
   c_hi = jnp.clip(c_hi, c_lo, hi)
   f_lo = jnp.clip(f_lo, c_lo, c_hi)
@@ -332,6 +340,184 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   ]
   call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
   return call(q, k, v, do, lse2, delta)
+
+
+def fused_slab(bq: int, h: int, consumers: int):
+  """Each consumer warpgroup's share of a query tile's dQ in the fused kernel.
+
+  ``(row_step, rows, col_step, cols)``: warpgroup ``w`` computes rows
+  ``[w·row_step, w·row_step + rows)`` and columns ``[w·col_step, w·col_step + cols)``
+  of the ``bq × h`` tile; None when the blocks cannot be shared out in 64-row slabs.
+  """
+  if consumers == 1 and bq == ROWS:
+    return 0, ROWS, 0, h
+  if consumers == 2 and bq == 2 * ROWS:
+    return ROWS, ROWS, 0, h  # one 64-row half of the query tile each
+  if consumers == 2 and bq == ROWS and h == 128:
+    return 0, ROWS, 64, 64  # one 64-column half each
+  return None
+
+
+def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers, reduce):
+  """dQ, dK and dV in one kernel: the dK/dV kernel that also adds each tile's dQ.
+
+  A CTA owns ``blocks.dkv_kv`` key rows as in ``_dkv``. Once every consumer has
+  written its ``dsᵀ`` rows of a query tile into ``ds_smem``, the tile's
+  ``dQ = ds · K`` is shared out in slabs (``fused_slab``) and each warpgroup adds its
+  slab into a float32 ``[B, T, N, H]`` buffer with a TMA reduce-add: 5 tile products
+  per tile instead of the 7 of the two-kernel backward. Float additions from
+  different CTAs land in no fixed order, so dQ may differ from run to run in its
+  last bits.
+
+  The Mosaic GPU interpreter has no TMA reductions: with ``reduce=False`` each CTA
+  writes its partial dQ to a slice of its own (``[S / dkv_kv, B, T, N, H]``) and XLA
+  sums them (fine for test shapes, not for long sequences).
+  """
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1:3]
+  group = n // kv_heads
+  bq, bk, stages = blocks.dkv_q, blocks.dkv_kv, blocks.bwd_stages
+  consumers = bk // ROWS
+  dtype = q.dtype
+  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
+  row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
+    k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
+    p_smem = scratch[8:-6]
+    kv_bar, q_bar, do_bar, consumed, ds_ready, done = scratch[-6:]
+    wg = lax.axis_index("wg")
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    kv_block = lax.axis_index("kv")
+    k0 = kv_block * bk
+    lo, _, _, hi = q_range(k0, bk, bq)
+    num_q = hi - lo
+
+    @pl.when(wg == consumers)
+    def _producer():
+      _registers("producer")
+
+      _produce_query_tiles(
+        (q_ref, lse_ref, do_ref, delta_ref),
+        (q_ring, lse_ring, do_ring, delta_ring),
+        (q_bar, do_bar, consumed),
+        batch,
+        kv_head * group,
+        group,
+        lo,
+        num_q,
+        bq,
+        stages,
+      )
+
+    @pl.when(wg < consumers)
+    def _consumer():
+      _registers("consumer")
+      own = pl.ds(pl.multiple_of(wg * ROWS, ROWS), ROWS)
+      r0 = k0 + wg * ROWS
+      rows = (batch, pl.ds(r0, ROWS), kv_head)
+      k_wg, v_wg = k_smem.at[own], v_smem.at[own]
+      a_smem = p_smem[0].at[wg] if p_smem else None
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_wg, kv_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_wg, kv_bar.at[wg])
+      for c in range(consumers):  # the dQ products read every warpgroup's K rows
+        plgpu.barrier_wait(kv_bar.at[c])
+      # Every warpgroup visits the tiles its CTA sees (masked where any element of
+      # the CTA's may be hidden): the dsᵀ hand-over needs all of them at each tile.
+      ranges = _tile_ranges(q_range, k0, bk, k0, bq, wg_rows=bk)
+      vec_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column of sᵀ
+      slab_q = pl.ds(pl.multiple_of(wg * row_step, ROWS), slab_rows)
+      slab_h = pl.ds(pl.multiple_of(wg * col_step, 64), slab_cols)
+      dq_wg = dq_smem.at[wg]
+
+      def visit(g, masked, i, carry):
+        dk, dv, visits = carry
+        slot = lax.rem(g * num_q + i - lo, stages)
+        buf = lax.rem(visits, 2)
+        plgpu.barrier_wait(q_bar.at[slot])
+        q_tile, do_tile = q_ring.at[slot], do_ring.at[slot]
+        st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq))
+        lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
+        pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
+        if masked:  # sᵀ: dim 0 are keys, dim 1 queries
+          keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
+          pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+        plgpu.barrier_wait(do_bar.at[slot])
+        dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
+        dv, dpt = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem, also=dpt_product)
+        delta = plgpu.load(delta_ring.at[slot], layout=vec_layout)
+        dst = (pt * (dpt - _broadcast(delta, dpt.shape, 1))).astype(dtype)
+        ds_buf = ds_smem.at[buf]
+        ds_buf.at[own][...] = dst
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ds_ready.at[buf])
+        if a_smem is None:
+          dk = _matmul_add(dk, dst, q_tile, None)
+        else:  # dsᵀ is in shared memory already
+          dk = dk + _matmul(ds_buf.at[own], q_tile, dk.shape)
+        plgpu.barrier_arrive(consumed.at[slot])
+        plgpu.barrier_wait(ds_ready.at[buf])  # every warpgroup's dsᵀ rows are in
+        ds_q = ds_buf.at[:, slab_q].transpose((1, 0))  # [slab rows, bk]
+        dq = _matmul(ds_q, k_smem.at[:, slab_h], (slab_rows, slab_cols))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read dq_wg
+        dq_wg[...] = dq
+        plgpu.commit_smem()
+        q_rows = pl.ds(i * bq + wg * row_step, slab_rows)
+        target = (batch, q_rows, kv_head * group + g, slab_h)
+        if reduce:
+          plgpu.copy_smem_to_gmem(dq_wg, dq_ref.at[target], reduction_op="add")
+        else:
+          plgpu.copy_smem_to_gmem(dq_wg, dq_ref.at[(kv_block, *target)])
+        return dk, dv, visits + 1
+
+      def skip(g, i, carry):
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(g * num_q + i - lo, stages))
+        return carry
+
+      def per_head(g, carry):
+        visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
+        return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
+
+      zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
+      dk, dv, _ = lax.fori_loop(0, group, per_head, (zeros, zeros, jnp.int32(0)))
+      plgpu.barrier_arrive(done)
+      plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
+      k_wg[...] = (dk * scale).astype(k_wg.dtype)
+      v_wg[...] = dv.astype(v_wg.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_wg, dk_ref.at[rows])
+      plgpu.copy_smem_to_gmem(v_wg, dv_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+  scratch = [
+    plgpu.SMEM((bk, h), k.dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((bk, h), v.dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((stages, bq), jnp.float32),
+    plgpu.SMEM((stages, bq), jnp.float32),
+    plgpu.SMEM((2, bk, bq), dtype, transforms=_SWIZZLED),  # dsᵀ, double buffered
+    plgpu.SMEM((consumers, slab_rows, slab_cols), jnp.float32),
+  ]
+  if not p_in_registers:
+    scratch.append(plgpu.SMEM((consumers, ROWS, bq), dtype, transforms=_SWIZZLED))
+  scratch += [
+    plgpu.Barrier(num_arrivals=2, num_barriers=consumers),  # K, V
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # Q, lse
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
+    plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=consumers, num_barriers=2),  # dsᵀ written
+    plgpu.Barrier(num_arrivals=consumers),  # done with K
+  ]
+  acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
+  dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
+  call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
+  dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
+  dq = dq_acc[...]
+  if not reduce:
+    dq = dq.sum(axis=0)
+  return (dq * scale).astype(dtype), dk, dv
 
 
 def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
@@ -644,6 +830,8 @@ def kernels(
   lse2, delta = lse2.astype(jnp.float32), delta.astype(jnp.float32)
   args = (q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers)
   with plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext():
+    if blocks.bwd_fused:
+      return _fused(*args, reduce=not interpret)
     dk, dv = (_dkv_split if blocks.dkv_split else _dkv)(*args)
     dq = _dq(*args)
   return dq, dk, dv
