@@ -73,9 +73,14 @@ def _fn(impl: str, causal: bool, backward: bool):
     def attn(q, k, v):
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=name)
   else:
+    # "mosaic-fused": mosaic with deterministic_backward=False (the fused backward).
+    name, _, variant = impl.partition("-")
+    deterministic = variant != "fused"
 
     def attn(q, k, v):
-      return flash_attention(q, k, v, is_causal=causal, implementation=impl)
+      return flash_attention(
+        q, k, v, is_causal=causal, implementation=name, deterministic_backward=deterministic
+      )
 
   if not backward:
     return jax.jit(lambda q, k, v, do: attn(q, k, v))
@@ -143,7 +148,10 @@ def main(argv=None) -> int:
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
   parser.add_argument("--passes", choices=["fwd", "fwd+bwd", "both"], default="both")
   parser.add_argument(
-    "--impls", nargs="+", help="default: every implementation that runs compiled here"
+    "--impls",
+    nargs="+",
+    help="default: every implementation that runs compiled here; also mosaic-fused "
+    "(mosaic with deterministic_backward=False)",
   )
   parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--out", help="write bench.json, bench.md and bench.png into this folder")

@@ -31,6 +31,10 @@ class Problem:
   # Whether the caller gave per-batch sequence lengths (q_len, kv_len are then
   # data; otherwise they are the full T and S).
   has_lengths: bool = False
+  # False: the backward may sum partial gradients with float atomics in an order
+  # that varies between runs (mosaic: the fused backward). Other implementations
+  # are deterministic either way.
+  deterministic_backward: bool = True
 
 
 def round_up(x: int, multiple: int) -> int:

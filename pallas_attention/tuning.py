@@ -121,6 +121,18 @@ _MOSAIC = {
 }
 
 
+# head_dim -> the backward fields of the fused (non-deterministic) backward, taken when
+# a call passes deterministic_backward=False. Head dim 64: a 128-row query tile whose
+# dQ the two consumers split by rows; 128: a 64-row tile split by columns (a 128-row
+# tile does not fit in shared memory). H100 (results/fused_*): 1.02-1.09x cuDNN fwd+bwd
+# at head dim 64, 0.97-1.03x at 128; 3 stages do not fit at 64 and gain nothing at 128.
+# Head dim 256 keeps its split dK/dV kernel (deterministic).
+_MOSAIC_FUSED = {
+  64: dict(dkv_q=128, dkv_kv=128, bwd_stages=2, bwd_fused=True),
+  128: dict(dkv_q=64, dkv_kv=128, bwd_stages=2, bwd_fused=True),
+}
+
+
 # In the Mosaic GPU interpreter (CPU) every warpgroup is a thread blocked in barrier
 # waits inside an XLA CPU callback, and XLA's CPU thread pool has one thread per core:
 # on a 2-core machine a backward kernel with two consumer warpgroups and a producer
@@ -137,19 +149,28 @@ MOSAIC_INTERPRETER = MosaicBlocks(128, 2, 64, 64, 64, 64, 2)
 _MOSAIC_LONG_KV = 8192
 
 
-def mosaic_blocks(head_dim: int, causal: bool = False, kv_len: int | None = None) -> MosaicBlocks:
+def mosaic_blocks(
+  head_dim: int, causal: bool = False, kv_len: int | None = None, fused: bool = False
+) -> MosaicBlocks:
   """Default Mosaic blocks for a head dim of 64, 128 or 256 (after padding).
 
-  ``kv_len``: the key sequence length, when known (None: long).
+  ``kv_len``: the key sequence length, when known (None: long). ``fused``: the fused
+  backward's blocks where a head dim has them (deterministic_backward=False).
   """
   blocks = _MOSAIC[head_dim]
+  if fused and head_dim in _MOSAIC_FUSED:
+    blocks = dataclasses.replace(blocks, **_MOSAIC_FUSED[head_dim])
   if blocks.fwd_kv > 128 and causal and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
     blocks = dataclasses.replace(blocks, fwd_kv=128)
   return blocks
 
 
 def mosaic_candidates(
-  head_dim: int, part: str, interpreter: bool = False, fwd_kv: tuple[int, ...] = (64, 128, 256)
+  head_dim: int,
+  part: str,
+  interpreter: bool = False,
+  fwd_kv: tuple[int, ...] = (64, 128, 256),
+  fused: bool = False,
 ) -> list[MosaicBlocks]:
   """What the opt-in autotuner tries for a head dim; ``part`` is "fwd" or "bwd".
 
@@ -159,13 +180,19 @@ def mosaic_candidates(
   Mosaic GPU interpreter on CPU, where only one-consumer backward blocks run
   reliably (see MOSAIC_INTERPRETER) and each call takes seconds: two candidates.
   ``fwd_kv``: the forward key-tile rows tried on a GPU (each with 2 and 3 stages).
+  ``fused``: backward candidates of the fused kernel (deterministic_backward=False)
+  where the head dim has one, and only those.
   """
+  fused = fused and head_dim in _MOSAIC_FUSED
   if interpreter:
-    base = MOSAIC_INTERPRETER
+    base = dataclasses.replace(MOSAIC_INTERPRETER, bwd_fused=fused)
     if part == "fwd":
       return [base, dataclasses.replace(base, fwd_kv=64)]
     return [base, dataclasses.replace(base, bwd_stages=1)]
-  base = mosaic_blocks(head_dim)
+  base = mosaic_blocks(head_dim, fused=fused)
+  if fused and part == "bwd":
+    one_consumer = dataclasses.replace(base, dkv_q=64, dkv_kv=64)
+    return [base, dataclasses.replace(base, bwd_stages=3), one_consumer]
   if part == "fwd":
     return [
       dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages) for kv in fwd_kv for stages in (2, 3)

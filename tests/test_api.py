@@ -84,6 +84,12 @@ BAD_CALLS = [
     "implementation",
   ),
   ("scale not a number", lambda q, k, v: ((q, k, v), dict(scale="big")), TypeError, "scale"),
+  (
+    "deterministic_backward not a bool",
+    lambda q, k, v: ((q, k, v), dict(deterministic_backward="no")),
+    TypeError,
+    "deterministic_backward",
+  ),
 ]
 
 

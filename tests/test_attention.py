@@ -143,9 +143,20 @@ def _mosaic_case(case: Case) -> Case | None:
   return case
 
 
-@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "mosaic"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+# deterministic_backward=False: mosaic's fused backward (dQ by float atomics on a GPU).
+FUSED_CASES = [c for c in CASES if c.name in ("odd_lengths_causal", "gqa", "head_dim_128")]
+
+
+@pytest.mark.parametrize(
+  "case,implementation",
+  [(c, impl) for c in CASES for impl in (*IMPLEMENTATIONS, "mosaic")]
+  + [(c, "mosaic-fused") for c in FUSED_CASES],
+  ids=lambda x: x if isinstance(x, str) else str(x),
+)
 def test_matches_reference(case: Case, implementation: str, rng):
+  extra = {}
+  if implementation == "mosaic-fused":
+    implementation, extra = "mosaic", dict(deterministic_backward=False)
   if implementation == "mosaic":
     served = _mosaic_case(case)
     if served is None:
@@ -161,7 +172,7 @@ def test_matches_reference(case: Case, implementation: str, rng):
 
   def loss(q, k, v, bias):
     out, lse = flash_attention(
-      q, k, v, bias, mask, return_residual=True, implementation=implementation, **options
+      q, k, v, bias, mask, return_residual=True, implementation=implementation, **options, **extra
     )
     return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), (out, lse)
 
@@ -247,14 +258,24 @@ def test_agrees_with_jax_nn(implementation, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "mosaic"])
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "mosaic", "mosaic-fused"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_protocol_shape(implementation, causal, rng):
-  """A benchmark-sized bf16 call (T = S = 2048, H = 128) against the reference."""
-  q, k, v, ct = (normal(rng, (1, 2048, 4, 128), jnp.bfloat16) for _ in range(4))
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_protocol_shape(implementation, causal, head_dim, rng):
+  """A benchmark-sized bf16 call (T = S = 2048) against the reference."""
+  deterministic = implementation != "mosaic-fused"
+  implementation = implementation.removesuffix("-fused")
+  q, k, v, ct = (normal(rng, (1, 2048, 4, head_dim), jnp.bfloat16) for _ in range(4))
   ref_out, _, ref_grads = reference_with_grads(q, k, v, ct, is_causal=causal)
   out, grad_fn = jax.vjp(
-    lambda q, k, v: flash_attention(q, k, v, is_causal=causal, implementation=implementation),
+    lambda q, k, v: flash_attention(
+      q,
+      k,
+      v,
+      is_causal=causal,
+      implementation=implementation,
+      deterministic_backward=deterministic,
+    ),
     q,
     k,
     v,
@@ -262,3 +283,26 @@ def test_gpu_protocol_shape(implementation, causal, rng):
   assert rel_err(out, ref_out) < 2e-2
   for grad, ref in zip(grad_fn(ct), ref_grads, strict=True):
     assert rel_err(grad, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "mosaic"])
+def test_gpu_default_backward_is_deterministic(implementation, rng):
+  """deterministic_backward=True (the default): the same gradients, bit for bit, on
+  every run (the fused backward, which sums dQ by atomics, is not taken)."""
+  q, k, v, ct = (normal(rng, (2, 1024, 8, 128), jnp.bfloat16) for _ in range(4))
+
+  @jax.jit
+  def grads(q, k, v, ct):
+    _, vjp = jax.vjp(
+      lambda q, k, v: flash_attention(q, k, v, is_causal=True, implementation=implementation),
+      q,
+      k,
+      v,
+    )
+    return vjp(ct)
+
+  first = [np.asarray(g) for g in grads(q, k, v, ct)]
+  for _ in range(3):
+    for a, b in zip(first, grads(q, k, v, ct), strict=True):
+      np.testing.assert_array_equal(a, np.asarray(b))

@@ -93,6 +93,11 @@ def test_block_table_short_and_long_keys():
   assert tuning.mosaic_blocks(64, causal=False, kv_len=1024).fwd_kv == 256
   assert tuning.mosaic_blocks(128, kv_len=16384).fwd_kv == 128
   assert tuning.mosaic_blocks(256).dkv_split
+  # deterministic_backward=False: fused backward blocks at head dims 64 and 128 only.
+  assert not tuning.mosaic_blocks(128).bwd_fused
+  assert tuning.mosaic_blocks(64, fused=True).bwd_fused
+  assert tuning.mosaic_blocks(128, fused=True).bwd_fused
+  assert not tuning.mosaic_blocks(256, fused=True).bwd_fused
 
 
 def test_autotuner_picks_and_caches_mosaic_blocks(rng, tmp_path, monkeypatch):

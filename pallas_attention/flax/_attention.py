@@ -132,6 +132,7 @@ def attention_fn(
   q_segment_ids=None,
   kv_segment_ids=None,
   implementation: str | Sequence[str] | None = None,
+  deterministic_backward: bool = True,
 ):
   """Flash attention with the signature of ``flax.linen.dot_product_attention``.
 
@@ -147,7 +148,8 @@ def attention_fn(
   ``pallas_attention.flax`` modules pass them from their own options):
   ``local_window_size`` (``w`` or ``(left, right)``), ``logits_soft_cap``,
   ``q_segment_ids [..., T]`` / ``kv_segment_ids [..., S]`` (both or neither;
-  attend iff equal) and ``implementation``.
+  attend iff equal), ``implementation`` and ``deterministic_backward`` (only here: bind
+  it with ``functools.partial`` and pass the result as the modules' ``attention_fn``).
 
   ``flash_attention`` does not implement segment ids and the soft-cap yet:
   segment ids become a bool mask ``[B, 1, T, S]`` (still flash attention, but the
@@ -254,7 +256,16 @@ def attention_fn(
   else:
     if logits_soft_cap is not None:
       options.update(logits_soft_cap=logits_soft_cap)
-    out = flash_attention(q, k, v, bias, mask, implementation=implementation, **options)
+    out = flash_attention(
+      q,
+      k,
+      v,
+      bias,
+      mask,
+      implementation=implementation,
+      deterministic_backward=deterministic_backward,
+      **options,
+    )
   return out.reshape(query.shape[:-1] + (value.shape[-1],))
 
 

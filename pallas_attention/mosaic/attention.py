@@ -69,13 +69,14 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
     return problem.config
   h_pad = head_dim_extent(q_shape[3])
   interpreter = jax.default_backend() == "cpu"
+  fused = not problem.deterministic_backward and h_pad in (64, 128)
   if interpreter:
-    default = tuning.MOSAIC_INTERPRETER
+    default = dataclasses.replace(tuning.MOSAIC_INTERPRETER, bwd_fused=fused)
   else:
-    default = tuning.mosaic_blocks(h_pad, problem.spec.causal, kv_shape[1])
+    default = tuning.mosaic_blocks(h_pad, problem.spec.causal, kv_shape[1], fused=fused)
   if not autotune.enabled():
     return default
-  candidates = tuning.mosaic_candidates(h_pad, part, interpreter=interpreter)
+  candidates = tuning.mosaic_candidates(h_pad, part, interpreter=interpreter, fused=fused)
   spec = problem.spec
   key = dict(
     q=tuple(q_shape),
@@ -84,6 +85,8 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
     spec=(spec.causal, spec.window_left, spec.window_right),
     part=part,
   )
+  if fused:  # a separate entry: deterministic calls never get fused blocks
+    key.update(fused=True)
 
   def make_run(config):
     problem_c = dataclasses.replace(problem, config=config)
