@@ -124,13 +124,17 @@ _MOSAIC = {
 # head_dim -> the backward fields of the fused (non-deterministic) backward, taken when
 # a call passes deterministic_backward=False. Head dim 64: a 128-row query tile whose
 # dQ the two consumers split by rows; 128: a 64-row tile split by columns (a 128-row
-# tile does not fit in shared memory). H100 (results/fused_*): 1.02-1.09x cuDNN fwd+bwd
-# at head dim 64, 0.97-1.03x at 128; 3 stages do not fit at 64 and gain nothing at 128.
-# Head dim 256 keeps its split dK/dV kernel (deterministic).
+# tile does not fit in shared memory). H100 (results/fused_3): fwd+bwd 1.06-1.21x cuDNN
+# at head dim 64, 1.02-1.24x at 128 non-causal, 0.95-1.15x at 128 causal; 3 stages do
+# not fit at 64 and gain nothing at 128. Causal head dim 128 with keys shorter than
+# _FUSED_MIN_CAUSAL_KV keeps the two-kernel backward: there it was faster (403 against
+# 372 TFLOP/s at 2k, 225 against 179 at 512; a tie at 4k). Head dim 256 keeps its split
+# dK/dV kernel (deterministic).
 _MOSAIC_FUSED = {
   64: dict(dkv_q=128, dkv_kv=128, bwd_stages=2, bwd_fused=True),
   128: dict(dkv_q=64, dkv_kv=128, bwd_stages=2, bwd_fused=True),
 }
+_FUSED_MIN_CAUSAL_KV = 4096
 
 
 # In the Mosaic GPU interpreter (CPU) every warpgroup is a thread blocked in barrier
@@ -158,7 +162,8 @@ def mosaic_blocks(
   backward's blocks where a head dim has them (deterministic_backward=False).
   """
   blocks = _MOSAIC[head_dim]
-  if fused and head_dim in _MOSAIC_FUSED:
+  short_causal = causal and kv_len is not None and kv_len < _FUSED_MIN_CAUSAL_KV
+  if fused and head_dim in _MOSAIC_FUSED and not (head_dim == 128 and short_causal):
     blocks = dataclasses.replace(blocks, **_MOSAIC_FUSED[head_dim])
   if blocks.fwd_kv > 128 and causal and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
     blocks = dataclasses.replace(blocks, fwd_kv=128)

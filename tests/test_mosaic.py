@@ -98,6 +98,9 @@ def test_block_table_short_and_long_keys():
   assert tuning.mosaic_blocks(64, fused=True).bwd_fused
   assert tuning.mosaic_blocks(128, fused=True).bwd_fused
   assert not tuning.mosaic_blocks(256, fused=True).bwd_fused
+  assert not tuning.mosaic_blocks(128, causal=True, kv_len=2048, fused=True).bwd_fused
+  assert tuning.mosaic_blocks(128, causal=True, kv_len=4096, fused=True).bwd_fused
+  assert tuning.mosaic_blocks(64, causal=True, kv_len=512, fused=True).bwd_fused
 
 
 def test_autotuner_picks_and_caches_mosaic_blocks(rng, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""FlashAttention backward in Pallas Mosaic GPU (Hopper): a dK/dV kernel and a dQ kernel.
+"""FlashAttention backward in Pallas Mosaic GPU (Hopper): a dK/dV kernel and a dQ kernel,
+or (``blocks.bwd_fused``, not deterministic) one kernel for all three (``_fused``).
 
 Both kernels are warp specialised: ``consumers`` warpgroups of 64 rows each do the
 math, and one producer warpgroup streams the tiles they loop over through a
