@@ -108,9 +108,6 @@ class MosaicBlocks:
   # default. Needs dkv_split off, and dkv_kv = 128 with dkv_q = 128 (or dkv_q = 64 at
   # head dim 128), or dkv_kv = 64 with dkv_q = 64.
   bwd_fused: bool = False
-  # The fused kernel under a plain causal mask: each CTA runs key blocks j and
-  # S / dkv_kv - 1 - j, so that every CTA has the same number of query tiles.
-  bwd_pair_causal: bool = False
 
 
 # head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096

@@ -115,10 +115,6 @@ def test_backward_split_dkv(b, t, s, n, kv_heads, h, spec, lengths, rng):
 FUSED_ONE = tuning.MosaicBlocks(128, 2, 64, 64, 64, 64, 2, bwd_fused=True)
 FUSED_ROWS = tuning.MosaicBlocks(128, 2, 128, 128, 128, 64, 2, bwd_fused=True)
 FUSED_COLS = tuning.MosaicBlocks(128, 2, 64, 128, 128, 64, 2, bwd_fused=True)
-PAIRED_ONE, PAIRED_ROWS, PAIRED_COLS = (
-  dataclasses.replace(blocks, bwd_pair_causal=True)
-  for blocks in (FUSED_ONE, FUSED_ROWS, FUSED_COLS)
-)
 # In the interpreter a kernel with two consumers and a producer can hang on a 2-core
 # machine (see tuning.MOSAIC_INTERPRETER): those run on the GPU and are lowered on CPU.
 _ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="two consumers: GPU (lowered on CPU)")
@@ -139,30 +135,8 @@ _ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="two consumers: GPU (lowere
     pytest.param(
       2, 256, 128, 2, 1, 128, masks.MaskSpec(False, 40, 17), None, FUSED_COLS, marks=_ON_GPU_ONLY
     ),
-    # Causal with key blocks paired (j, last - j) in one CTA; 3 key blocks do not pair.
-    (1, 256, 256, 4, 2, 64, masks.MaskSpec(True), (200, 230), PAIRED_ONE),
-    (1, 128, 256, 2, 1, 128, masks.MaskSpec(True), None, PAIRED_ONE),
-    (1, 256, 192, 2, 1, 64, masks.MaskSpec(True), None, PAIRED_ONE),
-    pytest.param(
-      1, 512, 512, 4, 2, 64, masks.MaskSpec(True), (500, 460), PAIRED_ROWS, marks=_ON_GPU_ONLY
-    ),
-    pytest.param(
-      2, 512, 512, 2, 1, 128, masks.MaskSpec(True), None, PAIRED_COLS, marks=_ON_GPU_ONLY
-    ),
   ],
-  ids=[
-    "one",
-    "one_gqa_causal_lengths",
-    "one_h128_window",
-    "rows",
-    "cols",
-    "cols_window",
-    "paired_gqa_lengths",
-    "paired_h128",
-    "paired_odd_blocks",
-    "paired_rows",
-    "paired_cols",
-  ],
+  ids=["one", "one_gqa_causal_lengths", "one_h128_window", "rows", "cols", "cols_window"],
 )
 def test_backward_fused(b, t, s, n, kv_heads, h, spec, lengths, blocks, rng):
   q_len, kv_len = lengths or (None, None)
@@ -188,15 +162,7 @@ def test_backward_through_shared_memory(rng):
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
 @pytest.mark.parametrize(
   "h,blocks",
-  [
-    (64, None),
-    (128, TALL),
-    (256, None),
-    (256, "no_split"),
-    (64, FUSED_ROWS),
-    (128, FUSED_COLS),
-    (128, PAIRED_COLS),
-  ],
+  [(64, None), (128, TALL), (256, None), (256, "no_split"), (64, FUSED_ROWS), (128, FUSED_COLS)],
 )
 def test_register_path_lowers_for_cuda(h, blocks):
   """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit."""

@@ -178,28 +178,19 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
-def _produce_query_tiles(refs, rings, bars, batch, head0, group, segments, bq, stages):
-  """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (key block in
-  ``segments``, query head of the GQA group starting at ``head0``, query tile) step.
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages):
+  """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
+  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step.
 
-  ``segments``: ``(lo, num_q)`` per key block the CTA runs, one after the other: its
-  query tiles are ``[lo, lo + num_q)``. Q and lse arrive on ``q_bar``, dO and delta on
-  ``do_bar`` (two copies each).
+  Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
   """
   q_ref, lse_ref, do_ref, delta_ref = refs
   q_ring, lse_ring, do_ring, delta_ring = rings
   q_bar, do_bar, consumed = bars
-  first_steps = group * segments[0][1]
 
   def fetch(step, slot):
-    lo, num_q, local = segments[0][0], segments[0][1], step
-    if len(segments) == 2:  # steps past the first block's belong to the second
-      second = step >= first_steps
-      lo = jnp.where(second, segments[1][0], lo)
-      num_q = jnp.where(second, segments[1][1], num_q)
-      local = jnp.where(second, step - first_steps, step)
-    g = lax.div(local, num_q)  # num_q > 0 whenever its block has a step
-    q0 = (lo + local - g * num_q) * bq
+    g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
+    q0 = (lo + step - g * num_q) * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot])
@@ -207,8 +198,7 @@ def _produce_query_tiles(refs, rings, bars, batch, head0, group, segments, bq, s
     plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot], do_bar.at[slot])
     plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
 
-  steps = sum(group * num_q for _, num_q in segments)
-  _produce(steps, stages, fetch, consumed)
+  _produce(group * num_q, stages, fetch, consumed)
 
 
 def _skip_tile(loaded, consumed, slot) -> None:
@@ -272,7 +262,8 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
         batch,
         kv_head * group,
         group,
-        [(lo, num_q)],
+        lo,
+        num_q,
         bq,
         stages,
       )
@@ -379,11 +370,6 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
   different CTAs land in no fixed order, so dQ may differ from run to run in its
   last bits.
 
-  ``blocks.bwd_pair_causal`` under a plain causal mask: a CTA runs key blocks ``j``
-  and ``S / dkv_kv - 1 - j`` one after the other. Block ``j`` sees ``T / dkv_q - j``
-  (or so) query tiles, so every CTA gets the same work, and the CTAs that end the
-  kernel are not the longest ones.
-
   The Mosaic GPU interpreter has no TMA reductions: with ``reduce=False`` each CTA
   writes its partial dQ to a slice of its own (``[S / dkv_kv, B, T, N, H]``) and XLA
   sums them (fine for test shapes, not for long sequences).
@@ -397,10 +383,6 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
   needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
-  num_blocks = s // bk
-  plain_causal = spec.causal and spec.window_left is None
-  pair = blocks.bwd_pair_causal and plain_causal and num_blocks % 2 == 0
-  subs = 2 if pair else 1
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
@@ -408,12 +390,10 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
     kv_bar, q_bar, do_bar, consumed, ds_ready, done = scratch[-6:]
     wg = lax.axis_index("wg")
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
-    j = lax.axis_index("kv")
-    kv_blocks = [j, num_blocks - 1 - j][:subs]  # the key blocks this CTA runs, in order
-    segments = []  # (first query tile, number of query tiles) of each
-    for kv_block in kv_blocks:
-      lo, _, _, hi = q_range(kv_block * bk, bk, bq)
-      segments.append((lo, hi - lo))
+    kv_block = lax.axis_index("kv")
+    k0 = kv_block * bk
+    lo, _, _, hi = q_range(k0, bk, bq)
+    num_q = hi - lo
 
     @pl.when(wg == consumers)
     def _producer():
@@ -426,16 +406,15 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         batch,
         kv_head * group,
         group,
-        segments,
+        lo,
+        num_q,
         bq,
         stages,
       )
 
-    def run_block(kv_block, segment, base, visits):
-      """One key block: K, V in, the sweep over its query tiles, dK, dV out.
-      ``base``: ring steps taken before it; ``visits``: tiles visited before it."""
-      lo, num_q = segment
-      k0 = kv_block * bk
+    @pl.when(wg < consumers)
+    def _consumer():
+      _registers("consumer")
       own = pl.ds(pl.multiple_of(wg * ROWS, ROWS), ROWS)
       r0 = k0 + wg * ROWS
       rows = (batch, pl.ds(r0, ROWS), kv_head)
@@ -455,7 +434,7 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
 
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
-        slot = lax.rem(base + g * num_q + i - lo, stages)
+        slot = lax.rem(g * num_q + i - lo, stages)
         buf = lax.rem(visits, 2)
         plgpu.barrier_wait(q_bar.at[slot])
         q_tile, do_tile = q_ring.at[slot], do_ring.at[slot]
@@ -494,7 +473,7 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         return dk, dv, visits + 1
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(base + g * num_q + i - lo, stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(g * num_q + i - lo, stages))
         return carry
 
       def per_head(g, carry):
@@ -502,7 +481,7 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
-      dk, dv, visits = lax.fori_loop(0, group, per_head, (zeros, zeros, visits))
+      dk, dv, _ = lax.fori_loop(0, group, per_head, (zeros, zeros, jnp.int32(0)))
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -511,15 +490,6 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
       plgpu.copy_smem_to_gmem(k_wg, dk_ref.at[rows])
       plgpu.copy_smem_to_gmem(v_wg, dv_ref.at[rows])
       plgpu.wait_smem_to_gmem(0)
-      return visits
-
-    @pl.when(wg < consumers)
-    def _consumer():
-      _registers("consumer")
-      base, visits = 0, jnp.int32(0)
-      for kv_block, segment in zip(kv_blocks, segments, strict=True):
-        visits = run_block(kv_block, segment, base, visits)
-        base = base + group * segment[1]
 
   scratch = [
     plgpu.SMEM((bk, h), k.dtype, transforms=_SWIZZLED),
@@ -543,8 +513,7 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
   ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
   dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-  grid = (b, kv_heads, num_blocks // subs)
-  call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), consumers)
+  call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
   dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
   dq = dq_acc[...]
   if not reduce:
@@ -595,7 +564,8 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
         batch,
         kv_head * group,
         group,
-        [(lo, num_q)],
+        lo,
+        num_q,
         bq,
         stages,
       )
