@@ -108,3 +108,27 @@ def test_dtype_casts_inputs(rng):
   got = attention_fn(q, k, v, dtype=jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
   assert rel_err(got, nn.dot_product_attention(q, k, v)) < 2e-2
+
+
+def test_deterministic_backward_reaches_flash_attention(rng, monkeypatch):
+  """``functools.partial(attention_fn, deterministic_backward=False)`` as a module's
+  attention_fn: the option reaches flash_attention, and the result is unchanged."""
+  import functools
+
+  from pallas_attention.flax import _attention
+
+  seen = []
+  real = _attention.flash_attention
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("deterministic_backward"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(_attention, "flash_attention", spy)
+  x = normal(rng, (2, 24, 32))
+  fn = functools.partial(attention_fn, deterministic_backward=False)
+  ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32, attention_fn=fn)
+  ref = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
+  params = ref.init(jax.random.key(0), x)
+  assert rel_err(ours.apply(params, x), ref.apply(params, x)) < TOL
+  assert seen == [False]
