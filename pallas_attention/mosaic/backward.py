@@ -159,6 +159,51 @@ def _sweep(ranges, visit, skip, carry, needs_mask: bool):
   return carry
 
 
+def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool):
+  """``_sweep`` for each query head ``g`` of a GQA group, in order:
+  ``visit(g, masked, i, carry)`` or ``skip(g, i, carry)`` per query tile ``i``."""
+
+  def per_head(g, carry):
+    visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
+    return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
+
+  return lax.fori_loop(0, group, per_head, carry)
+
+
+def _dkv_tile(slot, rings, bars, k_wg, v_wg, dv, a_smem, masked, r0, i, static):
+  """One query tile of a dK/dV warpgroup (``_dkv``, ``_fused``), up to ``dsᵀ``.
+
+  Waits for the ring ``slot``'s Q, lse (``bars[0]``) and dO, delta (``bars[1]``);
+  computes ``sᵀ = K·Qᵀ``, ``pᵀ`` (masked element-wise if ``masked``; the warpgroup's
+  keys start at ``r0``, and ``i`` is the query tile), ``dv + pᵀ·dO`` and ``dPᵀ = V·dOᵀ``
+  in one wgmma group, and ``dsᵀ = pᵀ ⊙ (dPᵀ − δ)``. ``static``: scale, spec, q_len,
+  kv_len. Returns ``(dv, dsᵀ as float32, the Q tile)``.
+  """
+  scale, spec, q_len, kv_len = static
+  q_ring, do_ring, lse_ring, delta_ring = rings
+  q_bar, do_bar = bars
+  bq, dtype = q_ring.shape[1], q_ring.dtype
+  vec_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column of sᵀ
+  with jax.named_scope("b_qwait"):
+    plgpu.barrier_wait(q_bar.at[slot])
+  q_tile, do_tile = q_ring.at[slot], do_ring.at[slot]
+  with jax.named_scope("b_s"):
+    st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq))
+  lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
+  pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
+  if masked:  # sᵀ: dim 0 are keys, dim 1 queries
+    keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
+    pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+  with jax.named_scope("b_dowait"):
+    plgpu.barrier_wait(do_bar.at[slot])
+  dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
+  with jax.named_scope("b_dv_dp"):
+    dv, dpt = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem, also=dpt_product)
+  delta = plgpu.load(delta_ring.at[slot], layout=vec_layout)
+  dst = pt * (dpt - _broadcast(delta, dpt.shape, 1))
+  return dv, dst, q_tile
+
+
 def _produce(steps, stages: int, fetch, consumed) -> None:
   """Producer warpgroup: ``fetch(step, slot)`` for every step through the ring."""
   for slot in range(stages):
@@ -241,6 +286,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   dtype = q.dtype
   needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
+  static = (scale, spec, q_len, kv_len)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *p_smem = scratch[:-4]
@@ -279,28 +325,13 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_wg, kv_bar.at[wg])
       plgpu.barrier_wait(kv_bar.at[wg])
       ranges = _tile_ranges(q_range, k0, bk, r0, bq)
-      vec_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column of sᵀ
+      rings = (q_ring, do_ring, lse_ring, delta_ring)
 
       def visit(g, masked, i, carry):
         dk, dv = carry
         slot = lax.rem(g * num_q + i - lo, stages)
-        with jax.named_scope("b_qwait"):
-          plgpu.barrier_wait(q_bar.at[slot])
-        q_tile, do_tile = q_ring.at[slot], do_ring.at[slot]
-        with jax.named_scope("b_s"):
-          st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq))
-        lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
-        pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
-        if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-          keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
-          pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
-        with jax.named_scope("b_dowait"):
-          plgpu.barrier_wait(do_bar.at[slot])
-        dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
-        with jax.named_scope("b_dv_dp"):
-          dv, dpt = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem, also=dpt_product)
-        delta = plgpu.load(delta_ring.at[slot], layout=vec_layout)
-        dst = pt * (dpt - _broadcast(delta, dpt.shape, 1))
+        tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
+        dv, dst, q_tile = _dkv_tile(*tile)
         with jax.named_scope("b_dk"):
           dk = _matmul_add(dk, dst.astype(dtype), q_tile, a_smem)
         plgpu.barrier_arrive(consumed.at[slot])
@@ -310,12 +341,8 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
         _skip_tile((q_bar, do_bar), consumed, lax.rem(g * num_q + i - lo, stages))
         return carry
 
-      def per_head(g, carry):
-        visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-        return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
-
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
-      dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
+      dk, dv = _sweep_group(group, ranges, visit, skip, (zeros, zeros), needs_mask)
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
       v_wg[...] = dv.astype(v_wg.dtype)
       plgpu.commit_smem()
@@ -383,6 +410,7 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
   needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
+  static = (scale, spec, q_len, kv_len)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
@@ -427,7 +455,7 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
       # Every warpgroup visits the tiles its CTA sees (masked where any element of
       # the CTA's may be hidden): the dsᵀ hand-over needs all of them at each tile.
       ranges = _tile_ranges(q_range, k0, bk, k0, bq, wg_rows=bk)
-      vec_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per column of sᵀ
+      rings = (q_ring, do_ring, lse_ring, delta_ring)
       slab_q = pl.ds(pl.multiple_of(wg * row_step, ROWS), slab_rows)
       slab_h = pl.ds(pl.multiple_of(wg * col_step, 64), slab_cols)
       dq_wg = dq_smem.at[wg]
@@ -436,19 +464,9 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         dk, dv, visits = carry
         slot = lax.rem(g * num_q + i - lo, stages)
         buf = lax.rem(visits, 2)
-        plgpu.barrier_wait(q_bar.at[slot])
-        q_tile, do_tile = q_ring.at[slot], do_ring.at[slot]
-        st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq))
-        lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
-        pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
-        if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-          keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
-          pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
-        plgpu.barrier_wait(do_bar.at[slot])
-        dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
-        dv, dpt = _matmul_add(dv, pt.astype(dtype), do_tile, a_smem, also=dpt_product)
-        delta = plgpu.load(delta_ring.at[slot], layout=vec_layout)
-        dst = (pt * (dpt - _broadcast(delta, dpt.shape, 1))).astype(dtype)
+        tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
+        dv, dst, q_tile = _dkv_tile(*tile)
+        dst = dst.astype(dtype)
         ds_buf = ds_smem.at[buf]
         ds_buf.at[own][...] = dst
         plgpu.commit_smem()
@@ -476,12 +494,9 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         _skip_tile((q_bar, do_bar), consumed, lax.rem(g * num_q + i - lo, stages))
         return carry
 
-      def per_head(g, carry):
-        visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-        return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
-
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
-      dk, dv, _ = lax.fori_loop(0, group, per_head, (zeros, zeros, jnp.int32(0)))
+      carry = (zeros, zeros, jnp.int32(0))
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -592,11 +607,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
         return carry
 
       def sweep(visit, carry):
-        def per_head(g, carry):
-          visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-          return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
-
-        return lax.fori_loop(0, group, per_head, carry)
+        return _sweep_group(group, ranges, visit, skip, carry, needs_mask)
 
       @pl.when(wg == 0)
       def _values():
