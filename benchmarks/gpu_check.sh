@@ -46,9 +46,10 @@ for step in "${steps[@]}"; do
       python3 benchmarks/gqa_bench.py > "$out/gqa.md" 2> "$out/gqa.log"
       echo "gqa: exit $?" >> "$out/summary.txt" ;;
     fused)
-      python3 benchmarks/fused_bench.py --head-dims ${FUSED_HEAD_DIMS:-64 128} \
+      python3 benchmarks/bench.py --head-dims ${FUSED_HEAD_DIMS:-64 128} --passes fwd+bwd \
         --seqlens ${FUSED_SEQLENS:-2048 4096 8192 16384} --causal ${FUSED_CAUSAL:-both} \
-        --json "$out/fused.json" > "$out/fused.md" 2> "$out/fused.log"
+        --impls mosaic mosaic-fused cudnn --json "$out/fused.json" \
+        > "$out/fused.md" 2> "$out/fused.log"
       echo "fused: exit $?" >> "$out/summary.txt" ;;
     tune)
       python3 benchmarks/tune_triton.py --head-dims ${TUNE_HEAD_DIMS:-64 256} --seqlen 16384 \

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -128,9 +127,7 @@ def flash_attention(
   scale = _scale(scale, h)
 
   has_lengths = query_seq_lengths is not None or key_value_seq_lengths is not None
-  problem = _select(names, scale, spec, query, key, bias, mask, has_lengths)
-  if not deterministic_backward:
-    problem = dataclasses.replace(problem, deterministic_backward=False)
+  problem = _select(names, scale, spec, query, key, bias, mask, has_lengths, deterministic_backward)
   out, lse = core.attention_jit(problem, query, key, value, bias, mask, q_len, kv_len)
   if unbatched:
     out, lse = out[0], lse[0]
@@ -159,11 +156,19 @@ def select_problem(
   return _select(names, scale, spec, query, key, None, mask, False)
 
 
-def _select(names, scale, spec, query, key, bias, mask, has_lengths) -> Problem:
+def _select(
+  names, scale, spec, query, key, bias, mask, has_lengths, deterministic_backward=True
+) -> Problem:
   reasons = []
   for name in names:
     reason = _unavailable(name)
-    problem = Problem(scale, spec, name, has_lengths=has_lengths)
+    problem = Problem(
+      scale,
+      spec,
+      name,
+      has_lengths=has_lengths,
+      deterministic_backward=deterministic_backward,
+    )
     if reason is None:
       reason = core.implementation_module(name).supports(problem, query, key, bias, mask)
     if reason is None:

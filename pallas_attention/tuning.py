@@ -137,6 +137,11 @@ _MOSAIC_FUSED = {
 _FUSED_MIN_CAUSAL_KV = 4096
 
 
+def has_fused_backward(head_dim: int) -> bool:
+  """Whether a head dim (64, 128 or 256, after padding) has fused backward blocks."""
+  return head_dim in _MOSAIC_FUSED
+
+
 # In the Mosaic GPU interpreter (CPU) every warpgroup is a thread blocked in barrier
 # waits inside an XLA CPU callback, and XLA's CPU thread pool has one thread per core:
 # on a 2-core machine a backward kernel with two consumer warpgroups and a producer
@@ -163,7 +168,7 @@ def mosaic_blocks(
   """
   blocks = _MOSAIC[head_dim]
   short_causal = causal and kv_len is not None and kv_len < _FUSED_MIN_CAUSAL_KV
-  if fused and head_dim in _MOSAIC_FUSED and not (head_dim == 128 and short_causal):
+  if fused and has_fused_backward(head_dim) and not (head_dim == 128 and short_causal):
     blocks = dataclasses.replace(blocks, **_MOSAIC_FUSED[head_dim])
   if blocks.fwd_kv > 128 and causal and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
     blocks = dataclasses.replace(blocks, fwd_kv=128)
@@ -188,7 +193,7 @@ def mosaic_candidates(
   ``fused``: backward candidates of the fused kernel (deterministic_backward=False)
   where the head dim has one, and only those.
   """
-  fused = fused and head_dim in _MOSAIC_FUSED
+  fused = fused and has_fused_backward(head_dim)
   if interpreter:
     base = dataclasses.replace(MOSAIC_INTERPRETER, bwd_fused=fused)
     if part == "fwd":

@@ -146,10 +146,19 @@ def test_backward_fused(b, t, s, n, kv_heads, h, spec, lengths, blocks, rng):
 def test_backward_fused_rejects_blocks_it_cannot_share_out(rng):
   q = normal(rng, (1, 256, 1, 64), jnp.bfloat16)
   vec = jnp.zeros((1, 1, 256), jnp.float32)
-  blocks = dataclasses.replace(FUSED_COLS)  # 64-column halves need head dim 128
-  with pytest.raises(ValueError, match="bwd_fused"):
+  with pytest.raises(ValueError, match="bwd_fused"):  # 64-column halves need head dim 128
     mosaic_bwd.backward(
-      q, q, q, q, vec, vec, scale=0.125, spec=masks.MaskSpec(), q_len=256, kv_len=256, blocks=blocks
+      q,
+      q,
+      q,
+      q,
+      vec,
+      vec,
+      scale=0.125,
+      spec=masks.MaskSpec(),
+      q_len=256,
+      kv_len=256,
+      blocks=FUSED_COLS,
     )
 
 

@@ -69,7 +69,7 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
     return problem.config
   h_pad = head_dim_extent(q_shape[3])
   interpreter = jax.default_backend() == "cpu"
-  fused = not problem.deterministic_backward and h_pad in (64, 128)
+  fused = not problem.deterministic_backward and tuning.has_fused_backward(h_pad)
   if interpreter:
     default = dataclasses.replace(tuning.MOSAIC_INTERPRETER, bwd_fused=fused)
   else:
