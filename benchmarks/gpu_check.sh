@@ -3,7 +3,8 @@
 #   benchmarks/gpu_check.sh [tests] [bench] [memory] [long] [gqa] [fused] [tune] [tune-mosaic]
 #   (default: tests bench memory; long = one GPU's fwd+bwd rate at the ring's local lengths;
 #   gqa = the mosaic GQA forward with and without head pairs against cuDNN;
-#   fused = fwd+bwd with the fused backward against the default and cuDNN)
+#   fused = fwd+bwd: the default backward, the two-kernel one, the fused one with
+#   deterministic_backward=False, and cuDNN)
 # Logs and JSON go to $OUT (or ./gpu_out); the last lines printed are the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ for step in "${steps[@]}"; do
     fused)
       python3 benchmarks/bench.py --head-dims ${FUSED_HEAD_DIMS:-64 128} --passes fwd+bwd \
         --seqlens ${FUSED_SEQLENS:-2048 4096 8192 16384} --causal ${FUSED_CAUSAL:-both} \
-        --impls mosaic mosaic-fused cudnn --json "$out/fused.json" \
+        --impls mosaic ${FUSED_IMPLS:-mosaic-twokernel mosaic-fused} cudnn --json "$out/fused.json" \
         > "$out/fused.md" 2> "$out/fused.log"
       echo "fused: exit $?" >> "$out/summary.txt" ;;
     tune)

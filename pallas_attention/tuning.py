@@ -121,10 +121,11 @@ _MOSAIC = {
 }
 
 
-# head_dim -> the backward fields of the fused (non-deterministic) backward, taken when
-# a call passes deterministic_backward=False. Head dim 64: a 128-row query tile whose
-# dQ the two consumers split by rows; 128: a 64-row tile split by columns (a 128-row
-# tile does not fit in shared memory). H100 (results/fused_3): fwd+bwd 1.06-1.21x cuDNN
+# head_dim -> the backward fields of the fused backward, taken when a call passes
+# deterministic_backward=False (dQ added in no fixed order) and, with the adds ordered,
+# by deterministic calls where fused_backward says so. Head dim 64: a 128-row query
+# tile whose dQ the two consumers split by rows; 128: a 64-row tile split by columns (a
+# 128-row tile does not fit in shared memory). H100 (results/fused_3): fwd+bwd 1.06-1.21x cuDNN
 # at head dim 64, 1.02-1.24x at 128 non-causal, 0.95-1.15x at 128 causal; 3 stages do
 # not fit at 64 and gain nothing at 128. Causal head dim 128 with keys shorter than
 # _FUSED_MIN_CAUSAL_KV keeps the two-kernel backward: there it was faster (403 against
@@ -137,9 +138,39 @@ _MOSAIC_FUSED = {
 _FUSED_MIN_CAUSAL_KV = 4096
 
 
+# The default, deterministic backward takes the fused kernel too where it was measured
+# faster than the two-kernel one (dK/dV, then dQ): with its dQ additions put in a fixed
+# order by global semaphores and a writer warp (mosaic/backward.py::_fused), non-causal,
+# keys at least _ORDERED_MIN_KV[head_dim] long. H100 (results/ordered_2, ordered_3),
+# fwd+bwd TFLOP/s ordered against two-kernel: head dim 128 non-causal 454/444 at 2k,
+# 486/464 at 4k, 532/491 at 8k, 544/494 at 16k, but 310/332 at 512; head dim 64
+# non-causal 407/385 at 4k, 475/411 at 16k, 365/368 at 2k. Causal it lost at every
+# length (head dim 128: 373/423 at 4k, 486/493 at 16k; head dim 64: 380/397 at 16k):
+# each key block waits for the one below it at every query tile, and the causal
+# blocks with the least work wait longest. DETERMINISTIC_FUSED = False turns it off.
+DETERMINISTIC_FUSED = True
+_ORDERED_MIN_KV = {64: 4096, 128: 2048}
+
+
 def has_fused_backward(head_dim: int) -> bool:
   """Whether a head dim (64, 128 or 256, after padding) has fused backward blocks."""
   return head_dim in _MOSAIC_FUSED
+
+
+def fused_backward(head_dim: int, causal: bool, kv_len: int | None, deterministic: bool) -> bool:
+  """Whether a call's default blocks take the fused backward kernel (``bwd_fused``).
+
+  Not deterministic: wherever the head dim has one (``mosaic_blocks`` may still keep
+  the two-kernel backward for short causal calls). Deterministic: the ordered fused
+  kernel, where measured faster (above); ``kv_len`` None: long.
+  """
+  if not has_fused_backward(head_dim):
+    return False
+  if not deterministic:
+    return True
+  if not DETERMINISTIC_FUSED or causal:
+    return False
+  return kv_len is None or kv_len >= _ORDERED_MIN_KV[head_dim]
 
 
 # In the Mosaic GPU interpreter (CPU) every warpgroup is a thread blocked in barrier

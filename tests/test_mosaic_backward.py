@@ -138,9 +138,71 @@ _ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="two consumers: GPU (lowere
   ],
   ids=["one", "one_gqa_causal_lengths", "one_h128_window", "rows", "cols", "cols_window"],
 )
-def test_backward_fused(b, t, s, n, kv_heads, h, spec, lengths, blocks, rng):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["ordered", "unordered"])
+def test_backward_fused(b, t, s, n, kv_heads, h, spec, lengths, blocks, deterministic, rng):
+  """Ordered: query tiles visited from the last down and, on the GPU, dQ added in key
+  block order under global semaphores; unordered: tiles up, adds in any order."""
   q_len, kv_len = lengths or (None, None)
-  _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, blocks)
+  kw = dict(deterministic=deterministic)
+  _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, blocks, **kw)
+
+
+@pytest.mark.parametrize(
+  "spec,t,s,q_len,kv_len,bq,bk",
+  [
+    (masks.MaskSpec(), 512, 384, 512, 384, 64, 128),
+    (masks.MaskSpec(True), 1024, 1024, 1024, 1024, 64, 128),
+    (masks.MaskSpec(True), 1024, 1024, 1000, 900, 128, 128),
+    (masks.MaskSpec(True), 512, 1024, 512, 1024, 64, 128),  # S > T
+    (masks.MaskSpec(True), 1024, 512, 1024, 512, 64, 128),  # T > S: rows that see nothing
+    (masks.MaskSpec(False, 200, 0), 1024, 1024, 1024, 1024, 64, 128),
+    (masks.MaskSpec(False, 40, 17), 768, 1024, 700, 1000, 64, 64),
+    (masks.MaskSpec(True, 300, None), 1024, 1024, 1024, 1024, 128, 128),
+    (masks.MaskSpec(False, -300, 500), 1024, 1024, 1024, 1024, 64, 128),  # ring: off-diagonal
+    (masks.MaskSpec(False, 500, -300), 1024, 1024, 1024, 1024, 64, 128),
+  ],
+)
+def test_dq_contributors_are_the_blocks_that_see_each_tile(spec, t, s, q_len, kv_len, bq, bk):
+  """The ordered fused backward's schedule: tile i's dQ gets adds from key blocks
+  [first, first + count), exactly those with a visible (row, column) pair in the tile."""
+  first, count = mosaic_bwd.dq_contributors(spec, q_len, kv_len, t, s, bq, bk)
+  seen = np.asarray(masks.element_mask(jnp.arange(t), jnp.arange(s), spec, q_len, kv_len))
+  seen = seen.reshape(t // bq, bq, s // bk, bk).any(axis=(1, 3))
+  for i in range(t // bq):
+    blocks = np.flatnonzero(seen[i])
+    if blocks.size:
+      assert (first[i], count[i]) == (blocks[0], blocks.size), i
+      assert np.array_equal(blocks, np.arange(blocks[0], blocks[-1] + 1)), i
+    else:
+      assert count[i] == 0, i
+
+
+@pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
+@pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, rng):
+  """Many key blocks add into each dQ tile (16 CTAs per head): five calls give the
+  same bits (the semaphores also come back to zero after each call, or the next call
+  would wait forever or add out of order), close to the unordered kernel's dQ."""
+  b, t, n, kv_heads = 2, 2048, 4, 2
+  q, k, v, do = _inputs(rng, b, t, t, n, kv_heads, h, jnp.bfloat16, t)
+  lse2 = jnp.zeros((b, n, t), jnp.float32)  # any finite values: a fixed function of q, k, v
+  delta = jnp.ones((b, n, t), jnp.float32) * 0.01
+  call = functools.partial(
+    mosaic_bwd.backward_jit,
+    scale=0.1,
+    spec=masks.MaskSpec(causal),
+    q_len=t,
+    kv_len=t,
+    blocks=blocks,
+  )
+  runs = [call(q, k, v, do, lse2, delta) for _ in range(5)]
+  for other in runs[1:]:
+    for name, x, y in zip("qkv", runs[0], other, strict=True):
+      assert np.array_equal(np.asarray(x), np.asarray(y)), name
+  unordered = call(q, k, v, do, lse2, delta, deterministic=False)
+  for name, x, y in zip("qkv", runs[0], unordered, strict=True):
+    assert rel_err(x, y) < 1e-2, name
 
 
 def test_backward_fused_rejects_blocks_it_cannot_share_out(rng):
@@ -170,10 +232,19 @@ def test_backward_through_shared_memory(rng):
 
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
 @pytest.mark.parametrize(
-  "h,blocks",
-  [(64, None), (128, TALL), (256, None), (256, "no_split"), (64, FUSED_ROWS), (128, FUSED_COLS)],
+  "h,blocks,deterministic",
+  [
+    (64, None, True),
+    (128, TALL, True),
+    (256, None, True),
+    (256, "no_split", True),
+    (64, FUSED_ROWS, True),
+    (64, FUSED_ROWS, False),
+    (128, FUSED_COLS, True),
+    (128, FUSED_COLS, False),
+  ],
 )
-def test_register_path_lowers_for_cuda(h, blocks):
+def test_register_path_lowers_for_cuda(h, blocks, deterministic):
   """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit."""
   if blocks == "no_split":  # one warpgroup holding both dK and dV (it spills, but lowers)
     blocks = dataclasses.replace(tuning.mosaic_blocks(h), dkv_split=False)
@@ -183,11 +254,13 @@ def test_register_path_lowers_for_cuda(h, blocks):
   k = jax.ShapeDtypeStruct((b, t, kv_heads, h), jnp.bfloat16)
   vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
   static = dict(scale=0.1, spec=masks.MaskSpec(True, 100, None), q_len=200, kv_len=t)
-  call = functools.partial(
-    mosaic_bwd.kernels, **static, blocks=blocks, p_in_registers=True, interpret=False
-  )
+  choices = dict(p_in_registers=True, interpret=False, deterministic=deterministic)
+  call = functools.partial(mosaic_bwd.kernels, **static, blocks=blocks, **choices)
   lowered = jax.jit(call).trace(q, k, k, q, vec, vec).lower(lowering_platforms=("cuda",))
-  assert "mosaic_gpu" in lowered.as_text()
+  text = lowered.as_text()
+  assert "mosaic_gpu" in text
+  # The ordered fused kernel counts adds with global semaphores (a release add).
+  assert ("red.release.gpu.global.add" in text) == (blocks.bwd_fused and deterministic)
 
 
 def test_unsupported_inputs_raise(rng):

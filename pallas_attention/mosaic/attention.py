@@ -69,11 +69,15 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
     return problem.config
   h_pad = head_dim_extent(q_shape[3])
   interpreter = jax.default_backend() == "cpu"
-  fused = not problem.deterministic_backward and tuning.has_fused_backward(h_pad)
+  causal = problem.spec.causal
+  fused = tuning.fused_backward(h_pad, causal, kv_shape[1], problem.deterministic_backward)
   if interpreter:
+    # The interpreter's fused kernel keeps a dQ slice per key block (no TMA adds or
+    # semaphores there): only for the opt-in, the deterministic default stays two-kernel.
+    fused = fused and not problem.deterministic_backward
     default = dataclasses.replace(tuning.MOSAIC_INTERPRETER, bwd_fused=fused)
   else:
-    default = tuning.mosaic_blocks(h_pad, problem.spec.causal, kv_shape[1], fused=fused)
+    default = tuning.mosaic_blocks(h_pad, causal, kv_shape[1], fused=fused)
   if not autotune.enabled():
     return default
   candidates = tuning.mosaic_candidates(h_pad, part, interpreter=interpreter, fused=fused)
@@ -85,8 +89,8 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
     spec=(spec.causal, spec.window_left, spec.window_right),
     part=part,
   )
-  if fused:  # a separate entry: deterministic calls never get fused blocks
-    key.update(fused=True)
+  if fused:  # separate entries: the fused backward, with dQ adds ordered or not
+    key.update(fused=True, deterministic=problem.deterministic_backward)
 
   def make_run(config):
     problem_c = dataclasses.replace(problem, config=config)
@@ -203,5 +207,6 @@ def _backward(problem: Problem, q, k, v, do, lse2, delta):
     q_len=t,
     kv_len=s,
     blocks=config,
+    deterministic=problem.deterministic_backward,
   )
   return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]

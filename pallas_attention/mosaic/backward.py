@@ -1,5 +1,6 @@
 """FlashAttention backward in Pallas Mosaic GPU (Hopper): a dK/dV kernel and a dQ kernel,
-or (``blocks.bwd_fused``, not deterministic) one kernel for all three (``_fused``).
+or (``blocks.bwd_fused``) one kernel for all three (``_fused``), whose dQ additions are
+put in a fixed order when ``deterministic``.
 
 Both kernels are warp specialised: ``consumers`` warpgroups of 64 rows each do the
 math, and one producer warpgroup streams the tiles they loop over through a
@@ -140,12 +141,19 @@ def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_row
   return lo, c_lo, f_lo, f_hi, c_hi, hi
 
 
-def _sweep(ranges, visit, skip, carry, needs_mask: bool):
-  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``."""
+def _sweep(ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
+  """Visit tiles ``[lo, hi)`` in order (from ``hi - 1`` down with ``descending``):
+  ``visit(masked, tile, carry)`` or ``skip``."""
   lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
+
+  def loop(start, stop, body, carry):
+    if not descending:
+      return lax.fori_loop(start, stop, body, carry)
+    return lax.fori_loop(start, stop, lambda k, c: body(start + stop - 1 - k, c), carry)
+
   plain = functools.partial(visit, False)
   if not needs_mask:
-    return lax.fori_loop(lo, hi, plain, carry)
+    return loop(lo, hi, plain, carry)
   masked = functools.partial(visit, True)
   runs = [
     (lo, c_lo, skip),
@@ -154,18 +162,18 @@ def _sweep(ranges, visit, skip, carry, needs_mask: bool):
     (f_hi, c_hi, masked),
     (c_hi, hi, skip),
   ]
-  for start, stop, body in runs:
-    carry = lax.fori_loop(start, stop, body, carry)
+  for start, stop, body in runs[::-1] if descending else runs:
+    carry = loop(start, stop, body, carry)
   return carry
 
 
-def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool):
+def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
   """``_sweep`` for each query head ``g`` of a GQA group, in order:
   ``visit(g, masked, i, carry)`` or ``skip(g, i, carry)`` per query tile ``i``."""
 
   def per_head(g, carry):
     visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-    return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
+    return _sweep(ranges, visit_g, skip_g, carry, needs_mask, descending)
 
   return lax.fori_loop(0, group, per_head, carry)
 
@@ -223,9 +231,12 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
-def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages):
+def _produce_query_tiles(
+  refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, descending=False
+):
   """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
-  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step.
+  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step;
+  the tiles of each head from the last down with ``descending``.
 
   Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
   """
@@ -235,7 +246,10 @@ def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, 
 
   def fetch(step, slot):
     g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
-    q0 = (lo + step - g * num_q) * bq
+    if descending:
+      q0 = (lo + num_q - 1 - (step - g * num_q)) * bq
+    else:
+      q0 = (lo + step - g * num_q) * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot])
@@ -370,6 +384,32 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   return call(q, k, v, do, lse2, delta)
 
 
+def dq_contributors(spec: masks.MaskSpec, q_len: int, kv_len: int, t: int, s: int, bq, bk):
+  """The key blocks that add into each query tile's dQ in the fused kernel.
+
+  Returns numpy ``(first, count)`` over the ``t // bq`` query tiles: key block ``j``'s
+  CTA visits query tile ``i`` (``masks.q_block_range``) exactly for ``j`` in
+  ``[first[i], first[i] + count[i])``, and ``first``, ``first + count`` are the
+  ``lo``, ``hi`` of ``masks.kv_block_range`` (what the ordered kernel computes for
+  each tile). Raises NotImplementedError where a mask breaks this (none of the
+  structural masks do; the check guards the ordered kernel from waiting forever).
+  """
+  import numpy as np
+
+  with jax.ensure_compile_time_eval():
+    j = jnp.arange(s // bk, dtype=jnp.int32)
+    q_lo, _, _, q_hi = masks.q_block_range(j * bk, bk, bq, spec, q_len, kv_len)
+    i = jnp.arange(t // bq, dtype=jnp.int32)
+    kv_lo, _, _, kv_hi = masks.kv_block_range(i * bq, bq, bk, spec, q_len, kv_len)
+    q_lo, q_hi, kv_lo, kv_hi = (np.asarray(x) for x in (q_lo, q_hi, kv_lo, kv_hi))
+  i, j = np.arange(t // bq)[:, None], np.arange(s // bk)[None, :]
+  visits = (q_lo[None, :] <= i) & (i < q_hi[None, :])
+  expected = (kv_lo[:, None] <= j) & (j < kv_hi[:, None])
+  if not np.array_equal(visits, expected):
+    raise NotImplementedError(f"ordered dQ adds: the key blocks of a query tile differ for {spec}")
+  return kv_lo, kv_hi - kv_lo
+
+
 def fused_slab(bq: int, h: int, consumers: int):
   """Each consumer warpgroup's share of a query tile's dQ in the fused kernel.
 
@@ -386,20 +426,34 @@ def fused_slab(bq: int, h: int, consumers: int):
   return None
 
 
-def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers, reduce):
+def _fused(
+  q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers, reduce, ordered
+):
   """dQ, dK and dV in one kernel: the dK/dV kernel that also adds each tile's dQ.
 
   A CTA owns ``blocks.dkv_kv`` key rows as in ``_dkv``. Once every consumer has
   written its ``dsᵀ`` rows of a query tile into ``ds_smem``, the tile's
   ``dQ = ds · K`` is shared out in slabs (``fused_slab``) and each warpgroup adds its
   slab into a float32 ``[B, T, N, H]`` buffer with a TMA reduce-add: 5 tile products
-  per tile instead of the 7 of the two-kernel backward. Float additions from
-  different CTAs land in no fixed order, so dQ may differ from run to run in its
-  last bits.
+  per tile instead of the 7 of the two-kernel backward.
 
-  The Mosaic GPU interpreter has no TMA reductions: with ``reduce=False`` each CTA
-  writes its partial dQ to a slice of its own (``[S / dkv_kv, B, T, N, H]``) and XLA
-  sums them (fine for test shapes, not for long sequences).
+  Float additions from different CTAs land in no fixed order, so without ``ordered``
+  dQ may differ from run to run in its last bits. With ``ordered`` (deterministic)
+  the key blocks add into each query tile in increasing order: a global semaphore
+  per (batch, query head, query tile) counts the adds done, and key block ``j`` adds
+  when it reads ``j - first`` (``dq_contributors``), waits for its add to land, and
+  counts it in; the last key block of a tile takes the count back to zero for the
+  next call. That waiting is done by a writer warp of the producer warpgroup
+  (``plgpu.warp_map``: warp 0 fetches, warp 1 writes dQ), to which the consumers
+  hand their slabs through a double-buffered tile, so they only wait if it falls two
+  tiles behind. Query tiles are visited from the last down, so that with a causal
+  mask every key block starts on a tile that all of them share. Blocks only wait for
+  lower blocks, which the grid launches first.
+
+  The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
+  ``reduce=False`` each CTA writes its partial dQ to a slice of its own
+  (``[S / dkv_kv, B, T, N, H]``) and XLA sums them in a fixed order (fine for test
+  shapes, not for long sequences).
   """
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1:3]
@@ -409,11 +463,17 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
   dtype = q.dtype
   needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
+  kv_range = functools.partial(masks.kv_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
   static = (scale, spec, q_len, kv_len)
+  semaphores = ordered and reduce
+  if semaphores:
+    dq_contributors(spec, q_len, kv_len, t, s, bq, bk)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
+    if semaphores:
+      *scratch, dq_full, dq_free = scratch
     p_smem = scratch[8:-6]
     kv_bar, q_bar, do_bar, consumed, ds_ready, done = scratch[-6:]
     wg = lax.axis_index("wg")
@@ -423,10 +483,7 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
     lo, _, _, hi = q_range(k0, bk, bq)
     num_q = hi - lo
 
-    @pl.when(wg == consumers)
-    def _producer():
-      _registers("producer")
-
+    def produce():
       _produce_query_tiles(
         (q_ref, lse_ref, do_ref, delta_ref),
         (q_ring, lse_ring, do_ring, delta_ring),
@@ -438,7 +495,59 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         num_q,
         bq,
         stages,
+        descending=ordered,
       )
+
+    def write_dq(counts):
+      """The dQ writer (one warp of the producer warpgroup, ordered path): adds the
+      consumers' slabs of each tile once it is this key block's turn."""
+
+      def step(st, carry):
+        g = lax.div(st, num_q)
+        i = hi - 1 - (st - g * num_q)
+        buf = lax.rem(st, 2)
+        head = kv_head * group + g
+        first, _, _, stop = kv_range(i * bq, bq, bk)
+        turn, last, more = kv_block - first, kv_block == stop - 1, kv_block < stop - 1
+        sem = counts.at[(batch * n + head) * (t // bq) + i]
+        plgpu.barrier_wait(dq_full.at[buf])
+
+        @pl.when((turn > 0) & more)
+        def _():
+          plgpu.semaphore_wait(sem, turn, decrement=False, memory_scope="gpu")
+
+        @pl.when((turn > 0) & last)
+        def _():  # every other block has added: take the count back to zero
+          plgpu.semaphore_wait(sem, turn, decrement=True, memory_scope="gpu")
+
+        for c in range(consumers):
+          q_rows = pl.ds(i * bq + c * row_step, slab_rows)
+          target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
+          plgpu.copy_smem_to_gmem(dq_smem.at[buf, c], dq_ref.at[target], reduction_op="add")
+        plgpu.wait_smem_to_gmem(0)  # landed in memory, not only read
+
+        @pl.when(more)
+        def _():
+          plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+
+        plgpu.barrier_arrive(dq_free.at[buf])
+        return carry
+
+      lax.fori_loop(0, group * num_q, step, 0)
+
+    @pl.when(wg == consumers)
+    def _producer():
+      _registers("producer")
+      if not semaphores:
+        produce()
+        return
+      # One count of adds done per (batch, query head, query tile).
+      counts = pl.get_global(plgpu.SemaphoreType.REGULAR((b * n * (t // bq),)))
+
+      @plgpu.warp_map
+      def _(warp):
+        pl.when(warp == 0)(produce)
+        pl.when(warp == 1)(functools.partial(write_dq, counts))
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -458,11 +567,13 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
       rings = (q_ring, do_ring, lse_ring, delta_ring)
       slab_q = pl.ds(pl.multiple_of(wg * row_step, ROWS), slab_rows)
       slab_h = pl.ds(pl.multiple_of(wg * col_step, 64), slab_cols)
-      dq_wg = dq_smem.at[wg]
+
+      def step_of(g, i):  # the producer's step that fetched tile i of head g
+        return g * num_q + hi - 1 - i if ordered else g * num_q + i - lo
 
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
-        slot = lax.rem(g * num_q + i - lo, stages)
+        slot = lax.rem(step_of(g, i), stages)
         buf = lax.rem(visits, 2)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
@@ -479,6 +590,17 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         plgpu.barrier_wait(ds_ready.at[buf])  # every warpgroup's dsᵀ rows are in
         ds_q = ds_buf.at[:, slab_q].transpose((1, 0))  # [slab rows, bk]
         dq = _matmul(ds_q, k_smem.at[:, slab_h], (slab_rows, slab_cols))
+        if semaphores:  # hand the slab to the writer warp (visits = its step)
+
+          @pl.when(visits >= 2)
+          def _():
+            plgpu.barrier_wait(dq_free.at[buf])  # its add from two tiles ago is done
+
+          dq_smem.at[buf, wg][...] = dq
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(dq_full.at[buf])
+          return dk, dv, visits + 1
+        dq_wg = dq_smem.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read dq_wg
         dq_wg[...] = dq
         plgpu.commit_smem()
@@ -491,12 +613,12 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
         return dk, dv, visits + 1
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(g * num_q + i - lo, stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(step_of(g, i), stages))
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask)
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask, ordered)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -514,7 +636,11 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
     plgpu.SMEM((stages, bq), jnp.float32),
     plgpu.SMEM((stages, bq), jnp.float32),
     plgpu.SMEM((2, bk, bq), dtype, transforms=_SWIZZLED),  # dsᵀ, double buffered
-    plgpu.SMEM((consumers, slab_rows, slab_cols), jnp.float32),
+    # dQ slabs: double buffered for the writer warp on the ordered path
+    plgpu.SMEM(
+      (2, consumers, slab_rows, slab_cols) if semaphores else (consumers, slab_rows, slab_cols),
+      jnp.float32,
+    ),
   ]
   if not p_in_registers:
     scratch.append(plgpu.SMEM((consumers, ROWS, bq), dtype, transforms=_SWIZZLED))
@@ -526,6 +652,11 @@ def _fused(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_re
     plgpu.Barrier(num_arrivals=consumers, num_barriers=2),  # dsᵀ written
     plgpu.Barrier(num_arrivals=consumers),  # done with K
   ]
+  if semaphores:
+    scratch += [
+      plgpu.Barrier(num_arrivals=consumers, num_barriers=2),  # dQ slabs written
+      plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dQ slabs added (writer warp)
+    ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
   dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
   call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
@@ -810,6 +941,7 @@ def backward(
   kv_len: int,
   blocks: tuning.MosaicBlocks,
   p_in_registers: bool | None = None,
+  deterministic: bool = True,
 ):
   """dq [B,T,N,H], dk, dv [B,S,K,H] in q/k/v dtypes.
 
@@ -818,19 +950,34 @@ def backward(
   nothing) and ``delta`` ``[B, N, T]`` = rowsum(do ⊙ out) − dlse, both float32.
   Rows ``>= q_len`` and columns ``>= kv_len`` are masked. ``p_in_registers``:
   feed ``pᵀ``, ``dsᵀ`` and ``ds`` to wgmma from registers (default: off the CPU
-  interpreter, which cannot).
+  interpreter, which cannot). ``deterministic``: the fused kernel
+  (``blocks.bwd_fused``) adds dQ in a fixed order (the two-kernel backward always
+  does).
   """
   interpret = jax.default_backend() == "cpu"
   if p_in_registers is None:
     p_in_registers = not interpret
   static = dict(scale=scale, spec=spec, q_len=q_len, kv_len=kv_len, blocks=blocks)
-  return kernels(
-    q, k, v, do, lse2, delta, **static, p_in_registers=p_in_registers, interpret=interpret
-  )
+  choices = dict(p_in_registers=p_in_registers, interpret=interpret, deterministic=deterministic)
+  return kernels(q, k, v, do, lse2, delta, **static, **choices)
 
 
 def kernels(
-  q, k, v, do, lse2, delta, *, scale, spec, q_len, kv_len, blocks, p_in_registers, interpret
+  q,
+  k,
+  v,
+  do,
+  lse2,
+  delta,
+  *,
+  scale,
+  spec,
+  q_len,
+  kv_len,
+  blocks,
+  p_in_registers,
+  interpret,
+  deterministic=True,
 ):
   """backward with every choice explicit; ``interpret``: in the Mosaic GPU interpreter.
 
@@ -843,12 +990,21 @@ def kernels(
   args = (q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers)
   with plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext():
     if blocks.bwd_fused:
-      return _fused(*args, reduce=not interpret)
+      return _fused(*args, reduce=not interpret, ordered=deterministic)
     dk, dv = (_dkv_split if blocks.dkv_split else _dkv)(*args)
     dq = _dq(*args)
   return dq, dk, dv
 
 
 backward_jit = jax.jit(
-  backward, static_argnames=("scale", "spec", "q_len", "kv_len", "blocks", "p_in_registers")
+  backward,
+  static_argnames=(
+    "scale",
+    "spec",
+    "q_len",
+    "kv_len",
+    "blocks",
+    "p_in_registers",
+    "deterministic",
+  ),
 )
