@@ -74,11 +74,13 @@ def flash_attention(
     implementation: ``"triton"``, ``"xla"``, ``"mosaic"``, a sequence of them
       (the first that supports the call runs) or None (the fastest available).
     deterministic_backward: True (default): gradients are bitwise the same from run
-      to run. False lets ``mosaic`` use its fused backward where the block table
-      (tuning.py) measured it faster: head dims up to 128, except causal head dim 128
-      with fewer than 4096 keys. One kernel instead of two (benchmarks/RESULTS.md), with
-      ``dq`` summed by float atomics whose order varies, so its last bits may differ
-      between runs. ``triton`` and ``xla`` are deterministic either way.
+      to run (``mosaic`` then uses its fused backward with the ``dq`` additions in a
+      fixed order where that measured faster: non-causal, long keys; see tuning.py).
+      False lets ``mosaic`` use its fused backward where the block table measured it
+      faster: head dims up to 128, except causal head dim 128 with fewer than 4096
+      keys. One kernel instead of two (benchmarks/RESULTS.md), with ``dq`` summed by
+      float atomics whose order varies, so its last bits may differ between runs.
+      ``triton`` and ``xla`` are deterministic either way.
 
   Returns:
     ``out`` with the shape and dtype of ``query`` (rows that attend to nothing

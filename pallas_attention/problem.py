@@ -32,8 +32,9 @@ class Problem:
   # data; otherwise they are the full T and S).
   has_lengths: bool = False
   # False: the backward may sum partial gradients with float atomics in an order
-  # that varies between runs (mosaic: the fused backward). Other implementations
-  # are deterministic either way.
+  # that varies between runs (mosaic: the fused backward, unordered). True: mosaic's
+  # fused backward, where taken, orders its adds. Other implementations are
+  # deterministic either way.
   deterministic_backward: bool = True
 
 

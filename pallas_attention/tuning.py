@@ -103,10 +103,11 @@ class MosaicBlocks:
   # plain forward with no direction (benchmarks/RESULTS.md), so off by default.
   fwd_head_pairs: bool = False
   # One backward kernel for dK, dV and dQ (5 tile products instead of 7): each dK/dV
-  # CTA adds its share of dQ into a float32 buffer with TMA reduce-add. The order of
-  # those additions varies from run to run, so dQ is not bitwise deterministic; off by
-  # default. Needs dkv_split off, and dkv_kv = 128 with dkv_q = 128 (or dkv_q = 64 at
-  # head dim 128), or dkv_kv = 64 with dkv_q = 64.
+  # CTA adds its share of dQ into a float32 buffer with TMA reduce-add, in an order
+  # that varies from run to run unless the call is deterministic (the adds are then
+  # ordered by semaphores; see fused_backward for where each is taken). Needs
+  # dkv_split off, and dkv_kv = 128 with dkv_q = 128 (or dkv_q = 64 at head dim 128),
+  # or dkv_kv = 64 with dkv_q = 64.
   bwd_fused: bool = False
 
 
@@ -221,8 +222,8 @@ def mosaic_candidates(
   Mosaic GPU interpreter on CPU, where only one-consumer backward blocks run
   reliably (see MOSAIC_INTERPRETER) and each call takes seconds: two candidates.
   ``fwd_kv``: the forward key-tile rows tried on a GPU (each with 2 and 3 stages).
-  ``fused``: backward candidates of the fused kernel (deterministic_backward=False)
-  where the head dim has one, and only those.
+  ``fused``: backward candidates of the fused kernel (``fused_backward``) where the
+  head dim has one, and only those.
   """
   fused = fused and has_fused_backward(head_dim)
   if interpreter:
