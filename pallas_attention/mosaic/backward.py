@@ -231,6 +231,16 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
+def _query_tile(step, lo, num_q, descending):
+  """The (GQA head ``g``, query tile ``i``) of a dK/dV kernel's step: the heads in
+  turn, each over tiles ``[lo, lo + num_q)``, from the last down with ``descending``.
+  The producer fetches in this order, and the fused kernel's dQ writer adds in it."""
+  g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
+  if descending:
+    return g, lo + num_q - 1 - (step - g * num_q)
+  return g, lo + step - g * num_q
+
+
 def _produce_query_tiles(
   refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, descending=False
 ):
@@ -245,11 +255,8 @@ def _produce_query_tiles(
   q_bar, do_bar, consumed = bars
 
   def fetch(step, slot):
-    g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
-    if descending:
-      q0 = (lo + num_q - 1 - (step - g * num_q)) * bq
-    else:
-      q0 = (lo + step - g * num_q) * bq
+    g, i = _query_tile(step, lo, num_q, descending)
+    q0 = i * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot])
@@ -503,8 +510,7 @@ def _fused(
       consumers' slabs of each tile once it is this key block's turn."""
 
       def step(st, carry):
-        g = lax.div(st, num_q)
-        i = hi - 1 - (st - g * num_q)
+        g, i = _query_tile(st, lo, num_q, descending=True)
         buf = lax.rem(st, 2)
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
