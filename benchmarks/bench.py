@@ -16,6 +16,7 @@ installed; ``benchmarks/plot.py`` makes them later from the JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -75,8 +76,8 @@ def _fn(impl: str, causal: bool, backward: bool):
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=name)
   else:
     # "mosaic-fused": mosaic with deterministic_backward=False (the fused backward, dQ
-    # added in no fixed order). "mosaic-twokernel": the deterministic backward with
-    # tuning.DETERMINISTIC_FUSED off (separate dK/dV and dQ kernels), set while tracing.
+    # added in no fixed order). "mosaic-twokernel": the default with
+    # tuning.DETERMINISTIC_FUSED off (separate dK/dV and dQ kernels; see measure).
     name, _, variant = impl.partition("-")
     deterministic = variant != "fused"
 
@@ -85,18 +86,12 @@ def _fn(impl: str, causal: bool, backward: bool):
         q, k, v, is_causal=causal, implementation=name, deterministic_backward=deterministic
       )
 
+  if not backward:
+    return jax.jit(lambda q, k, v, do: attn(q, k, v))
+
   def fwd_bwd(q, k, v, do):
-    if not backward:
-      return attn(q, k, v)
     out, vjp = jax.vjp(attn, q, k, v)
     return out, vjp(do)
-
-  if impl == "mosaic-twokernel":
-    traced = fwd_bwd
-
-    def fwd_bwd(q, k, v, do):
-      with mock.patch.object(tuning, "DETERMINISTIC_FUSED", False):
-        return traced(q, k, v, do)
 
   return jax.jit(fwd_bwd)
 
@@ -136,11 +131,24 @@ def flops(seqlen: int, head_dim: int, causal: bool, backward: bool) -> float:
   return fwd * (3.5 if backward else 1.0)
 
 
+@contextlib.contextmanager
+def _two_kernel():
+  """mosaic's default with tuning.DETERMINISTIC_FUSED off, traced apart from the other
+  implementations' calls: jit caches key on the Problem, not on the flag."""
+  jax.clear_caches()
+  try:
+    with mock.patch.object(tuning, "DETERMINISTIC_FUSED", False):
+      yield
+  finally:
+    jax.clear_caches()
+
+
 def measure(impl, seqlen, head_dim, causal, backward) -> float | str:
   """TFLOP/s, or a short reason it did not run."""
   args = inputs(seqlen, head_dim)
   try:
-    seconds = time_fn(_fn(impl, causal, backward), args)
+    with _two_kernel() if impl == "mosaic-twokernel" else contextlib.nullcontext():
+      seconds = time_fn(_fn(impl, causal, backward), args)
   except Exception as err:  # noqa: BLE001 -- a benchmark records failures and goes on
     text = str(err).split("\n")[0]
     if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
@@ -190,11 +198,7 @@ def main(argv=None) -> int:
             "seqlen": seqlen,
           }
           for impl in impls:
-            if impl == "mosaic-twokernel":  # traced apart: jit caches key on the Problem
-              jax.clear_caches()
             row[impl] = measure(impl, seqlen, head_dim, causal, backward)
-            if impl == "mosaic-twokernel":
-              jax.clear_caches()
             progress.step(
               f"hd={head_dim} {'causal ' if causal else ''}{row['pass']} {seqlen} {impl}"
             )
