@@ -161,14 +161,15 @@ def has_fused_backward(head_dim: int) -> bool:
 def fused_backward(head_dim: int, causal: bool, kv_len: int | None, deterministic: bool) -> bool:
   """Whether a call's default blocks take the fused backward kernel (``bwd_fused``).
 
-  Not deterministic: wherever the head dim has one (``mosaic_blocks`` may still keep
-  the two-kernel backward for short causal calls). Deterministic: the ordered fused
-  kernel, where measured faster (above); ``kv_len`` None: long.
+  Not deterministic: wherever the head dim has one, except causal head dim 128 with
+  fewer than _FUSED_MIN_CAUSAL_KV keys. Deterministic: the ordered fused kernel, where
+  measured faster (above). ``kv_len`` None: long.
   """
   if not has_fused_backward(head_dim):
     return False
   if not deterministic:
-    return True
+    short = kv_len is not None and kv_len < _FUSED_MIN_CAUSAL_KV
+    return not (head_dim == 128 and causal and short)
   if not DETERMINISTIC_FUSED or causal:
     return False
   return kv_len is None or kv_len >= _ORDERED_MIN_KV[head_dim]
@@ -196,11 +197,10 @@ def mosaic_blocks(
   """Default Mosaic blocks for a head dim of 64, 128 or 256 (after padding).
 
   ``kv_len``: the key sequence length, when known (None: long). ``fused``: the fused
-  backward's blocks where a head dim has them (deterministic_backward=False).
+  backward's blocks where ``fused_backward`` takes them for deterministic_backward=False.
   """
   blocks = _MOSAIC[head_dim]
-  short_causal = causal and kv_len is not None and kv_len < _FUSED_MIN_CAUSAL_KV
-  if fused and has_fused_backward(head_dim) and not (head_dim == 128 and short_causal):
+  if fused and fused_backward(head_dim, causal, kv_len, deterministic=False):
     blocks = dataclasses.replace(blocks, **_MOSAIC_FUSED[head_dim])
   if blocks.fwd_kv > 128 and causal and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
     blocks = dataclasses.replace(blocks, fwd_kv=128)

@@ -107,6 +107,7 @@ def test_block_table_short_and_long_keys():
   fused = tuning.fused_backward
   assert fused(64, True, 512, deterministic=False) and fused(128, False, 512, False)
   assert not fused(256, False, 16384, deterministic=False)
+  assert not fused(128, True, 2048, deterministic=False) and fused(128, True, 4096, False)
   assert fused(128, False, 2048, True) and fused(64, False, 4096, True)
   assert not fused(128, False, 1024, True) and not fused(64, False, 2048, True)
   assert not fused(128, True, 16384, True) and not fused(256, False, 16384, True)
