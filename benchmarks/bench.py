@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -76,8 +77,8 @@ def _fn(impl: str, causal: bool, backward: bool):
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=name)
   else:
     # "mosaic-fused": mosaic with deterministic_backward=False (the fused backward, dQ
-    # added in no fixed order). "mosaic-twokernel": the default with
-    # tuning.DETERMINISTIC_FUSED off (separate dK/dV and dQ kernels; see measure).
+    # added in no fixed order). "mosaic-twokernel", "mosaic-serial", "mosaic-pipelined":
+    # the default with one table setting changed (see _variant).
     name, _, variant = impl.partition("-")
     deterministic = variant != "fused"
 
@@ -132,22 +133,39 @@ def flops(seqlen: int, head_dim: int, causal: bool, backward: bool) -> float:
 
 
 @contextlib.contextmanager
-def _two_kernel():
-  """mosaic's default with tuning.DETERMINISTIC_FUSED off, traced apart from the other
-  implementations' calls: jit caches key on the Problem, not on the flag."""
+def _variant(impl: str):
+  """mosaic with one table setting changed, traced apart from the other implementations'
+  calls (jit caches key on the Problem, not on the table): "mosaic-twokernel",
+  tuning.DETERMINISTIC_FUSED off; "mosaic-serial" / "mosaic-pipelined", every head dim's
+  forward with fwd_pipelined off / on."""
+  patches = {
+    "mosaic-twokernel": lambda: mock.patch.object(tuning, "DETERMINISTIC_FUSED", False),
+    "mosaic-serial": lambda: _forward_pipelined(False),
+    "mosaic-pipelined": lambda: _forward_pipelined(True),
+  }
+  if impl not in patches:
+    yield
+    return
   jax.clear_caches()
   try:
-    with mock.patch.object(tuning, "DETERMINISTIC_FUSED", False):
+    with patches[impl]():
       yield
   finally:
     jax.clear_caches()
+
+
+def _forward_pipelined(on: bool):
+  table = {
+    hd: dataclasses.replace(blocks, fwd_pipelined=on) for hd, blocks in tuning._MOSAIC.items()
+  }
+  return mock.patch.dict(tuning._MOSAIC, table)
 
 
 def measure(impl, seqlen, head_dim, causal, backward) -> float | str:
   """TFLOP/s, or a short reason it did not run."""
   args = inputs(seqlen, head_dim)
   try:
-    with _two_kernel() if impl == "mosaic-twokernel" else contextlib.nullcontext():
+    with _variant(impl):
       seconds = time_fn(_fn(impl, causal, backward), args)
   except Exception as err:  # noqa: BLE001 -- a benchmark records failures and goes on
     text = str(err).split("\n")[0]

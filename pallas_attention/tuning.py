@@ -109,6 +109,9 @@ class MosaicBlocks:
   # dkv_split off, and dkv_kv = 128 with dkv_q = 128 (or dkv_q = 64 at head dim 128),
   # or dkv_kv = 64 with dkv_q = 64.
   bwd_fused: bool = False
+  # The forward's consumers issue tile n's Q·Kᵀ with tile n-1's P·V and run tile n's
+  # softmax while P·V computes (FlashAttention-3's intra-warpgroup overlap).
+  fwd_pipelined: bool = False
 
 
 # head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096

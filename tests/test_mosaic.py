@@ -58,6 +58,7 @@ def _check_forward(q, k, v, spec, q_len, kv_len, **options):
   assert np.all(lse[:, :, q_len:] == -np.inf)
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
 @pytest.mark.parametrize("p_in_registers", P_PATHS)
 @pytest.mark.parametrize(
   "t,s,heads,kv_heads,head_dim,spec,q_len,kv_len,block_kv,stages",
@@ -69,13 +70,47 @@ def _check_forward(q, k, v, spec, q_len, kv_len, **options):
   ],
 )
 def test_forward_kernel(
-  t, s, heads, kv_heads, head_dim, spec, q_len, kv_len, block_kv, stages, p_in_registers, rng
+  t,
+  s,
+  heads,
+  kv_heads,
+  head_dim,
+  spec,
+  q_len,
+  kv_len,
+  block_kv,
+  stages,
+  p_in_registers,
+  pipelined,
+  rng,
 ):
   q = normal(rng, (1, t, heads, head_dim), jnp.bfloat16)
   k, v = (normal(rng, (1, s, kv_heads, head_dim), jnp.bfloat16) for _ in range(2))
-  _check_forward(
-    q, k, v, spec, q_len, kv_len, block_kv=block_kv, stages=stages, p_in_registers=p_in_registers
+  options = dict(block_kv=block_kv, stages=stages, p_in_registers=p_in_registers)
+  _check_forward(q, k, v, spec, q_len, kv_len, pipelined=pipelined, **options)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+@pytest.mark.parametrize(
+  "spec,q_len,kv_len,rows_without_keys",
+  [
+    # Row i sees keys up to i - 384: the first 384 rows see nothing, so the first three
+    # CTAs visit no key tile at all.
+    (masks.MaskSpec(False, None, -384), 512, 256, 384),
+    # Row i sees keys i - 150 ... i - 100: rows below 100 are empty inside a CTA that
+    # still visits a tile for its other rows.
+    (masks.MaskSpec(False, 150, -100), 256, 256, 100),
+  ],
+)
+def test_forward_rows_without_keys(spec, q_len, kv_len, rows_without_keys, pipelined, rng):
+  """Rows that see no key: zero output and -inf LSE, also for CTAs that visit no tile."""
+  q = normal(rng, (1, q_len, 2, 64), jnp.bfloat16)
+  k, v = (normal(rng, (1, kv_len, 2, 64), jnp.bfloat16) for _ in range(2))
+  _check_forward(q, k, v, spec, q_len, kv_len, pipelined=pipelined)
+  visible = masks.visible(
+    np.arange(q_len)[:, None], np.arange(kv_len)[None, :], spec, q_len, kv_len
   )
+  assert not np.asarray(visible)[:rows_without_keys].any()
 
 
 def test_forward_kernel_rejects_ragged_shapes(rng):
@@ -153,6 +188,7 @@ def test_autotuner_picks_and_caches_mosaic_blocks(rng, tmp_path, monkeypatch):
     autotune._clear_memo()
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
 @pytest.mark.parametrize("p_in_registers", P_PATHS)
 @pytest.mark.parametrize(
   "heads,kv_heads,spec,q_len,kv_len",
@@ -161,17 +197,19 @@ def test_autotuner_picks_and_caches_mosaic_blocks(rng, tmp_path, monkeypatch):
     (4, 1, masks.MaskSpec(False, 30, 5), 200, 250),
   ],
 )
-def test_forward_head_pairs(heads, kv_heads, spec, q_len, kv_len, p_in_registers, rng):
+def test_forward_head_pairs(heads, kv_heads, spec, q_len, kv_len, p_in_registers, pipelined, rng):
   """Two query heads of one GQA group per CTA: the same answer as the reference."""
   t = s = 256
   q = normal(rng, (2, t, heads, 64), jnp.bfloat16)
   k, v = (normal(rng, (2, s, kv_heads, 64), jnp.bfloat16) for _ in range(2))
-  _check_forward(q, k, v, spec, q_len, kv_len, p_in_registers=p_in_registers, head_pairs=True)
+  options = dict(p_in_registers=p_in_registers, pipelined=pipelined)
+  _check_forward(q, k, v, spec, q_len, kv_len, head_pairs=True, **options)
 
 
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
 @pytest.mark.parametrize("head_dim,head_pairs", [(64, False), (128, True), (256, False)])
-def test_forward_register_path_lowers_for_cuda(head_dim, head_pairs):
+def test_forward_register_path_lowers_for_cuda(head_dim, head_pairs, pipelined):
   """The GPU-only forward (P in registers, register reallocation) lowers for CUDA."""
   q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
@@ -185,6 +223,7 @@ def test_forward_register_path_lowers_for_cuda(head_dim, head_pairs):
     kv_len=256,
     block_kv=64 if head_dim == 256 else 128,
     head_pairs=head_pairs,
+    pipelined=pipelined,
     p_in_registers=True,
     interpret=False,
   )

@@ -175,6 +175,7 @@ def _forward(problem: Problem, q, k, v):
     kv_len=s,
     block_kv=config.fwd_kv,
     stages=config.fwd_stages,
+    pipelined=config.fwd_pipelined,
     head_pairs=config.fwd_head_pairs and (q.shape[2] // k.shape[2]) % 2 == 0,
   )
   return out[:, :t, :, :h], lse2[:, :, :t]

@@ -80,6 +80,7 @@ def forward(
   block_kv: int = 128,
   stages: int = 2,
   schedule: bool = True,
+  pipelined: bool = False,
   p_in_registers: bool | None = None,
   head_pairs: bool = False,
   interpret: bool | None = None,
@@ -94,6 +95,11 @@ def forward(
   warpgroup, so each key/value tile loaded serves both. Off by default: correct (the
   GPU tests), but 0.95-1.06x the plain forward on an H100 with no direction, since
   CTAs resident together already share one head's tiles in L2 (benchmarks/RESULTS.md).
+
+  ``pipelined``: each consumer issues tile n's Q·Kᵀ and tile n-1's P·V together
+  and runs tile n's softmax while P·V is on the tensor cores (FlashAttention-3's
+  intra-warpgroup overlap, on top of the two warpgroups' ping-pong); the output
+  is rescaled once that product has landed. Off: one tile at a time.
 
   ``interpret``: run in the Mosaic GPU interpreter (default: on a CPU backend).
   False on a CPU still traces and lowers for CUDA (``lowering_platforms=("cuda",)``).
@@ -116,6 +122,8 @@ def forward(
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch):
     qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free, turn = scratch[:10]
+    # turn: the serial schedule's two-arrival barrier; pipelined, one one-arrival
+    # barrier per consumer ("your turn to issue products").
     p_smem = None if p_in_registers else scratch[10]
     wg = lax.axis_index("wg")
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -186,12 +194,21 @@ def forward(
       denom = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
       acc = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
 
+      def slot_of(j):
+        return lax.rem(j - lo, jnp.array(stages, j.dtype))
+
+      def mask_scores(sc, j):
+        shape, layout = (ROWS, block_kv), plgpu.Layout.WGMMA
+        rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout) + q_start
+        cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout) + j * block_kv
+        return jnp.where(masks.visible(rows, cols, spec, q_len, kv_len), sc, -jnp.inf)
+
       def step(j, carry, masked: bool):
         m, denom, acc = carry
-        slot = lax.rem(j - lo, jnp.array(stages, j.dtype))
+        slot = slot_of(j)
 
         def wait_next_k():  # K of step j was awaited during step j - 1's P·V product
-          next_slot = lax.rem(j + 1 - lo, jnp.array(stages, j.dtype))
+          next_slot = slot_of(j + 1)
           pl.when(j + 1 < hi)(lambda: plgpu.barrier_wait(k_bars.at[next_slot]))
 
         def scores(acc_ref):
@@ -203,10 +220,7 @@ def forward(
           sc = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
         if masked:
-          shape, layout = (ROWS, block_kv), plgpu.Layout.WGMMA
-          rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout) + q_start
-          cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout) + j * block_kv
-          sc = jnp.where(masks.visible(rows, cols, spec, q_len, kv_len), sc, -jnp.inf)
+          sc = mask_scores(sc, j)
         # m is in base-2 units (scores times log2_scale): p below takes one FMA a score.
         m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
         # A row that has seen only masked columns keeps m = -inf: shift by 0.
@@ -245,24 +259,154 @@ def forward(
         plgpu.barrier_arrive(v_free.at[slot])
         return m_new, denom, acc
 
-      pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[0]))
-      pl.when(wg == 1)(take_turn)
-      carry = (m, denom, acc)
-      carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
-      carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
-      m, denom, acc = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
-      pl.when(wg == 0)(take_turn)
+      def run_serial(m, denom, acc):
+        pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[0]))
+        pl.when(wg == 1)(take_turn)
+        carry = (m, denom, acc)
+        carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
+        carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
+        carry = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+        pl.when(wg == 0)(take_turn)
+        return carry
 
-      with jax.named_scope("c_epilogue"):
-        empty = denom == 0.0
-        safe = jnp.where(empty, 1.0, denom)
-        inv = 1.0 / safe
-        q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-        lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
+      # --- pipelined: tile n's scores and softmax overlap tile n-1's P·V product ---
+
+      def my_turn():  # wait until the other consumer has issued its products
+        if schedule:
+          plgpu.barrier_wait(turn.at[wg])
+
+      def pass_turn():
+        if schedule:
+          plgpu.barrier_arrive(turn.at[1 - wg])
+
+      def softmax(sc, j, m, denom, masked: bool):
+        """Tile j's online softmax: new max (base-2 units), rescale factor, P, denominator."""
+        if masked:
+          sc = mask_scores(sc, j)
+        m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
+        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_shift)
+        p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_shift, sc.shape, [0]))
+        return m_new, alpha, p.astype(dtype), denom * alpha + p.sum(axis=1)
+
+      def pv_operand(p16):
+        if p_in_registers:
+          return p16
+        p_smem.at[wg][...] = p16
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
-        plgpu.wait_smem_to_gmem(0)
+        return p_smem.at[wg]
+
+      def overlapped(n, carry, masked: bool):
+        """Issue Q·K(n)ᵀ and P(n-1)·V(n-1), softmax tile n while the latter runs."""
+        m, denom, acc, p16 = carry
+        slot, prev = slot_of(n), slot_of(n - 1)
+        with jax.named_scope("c_wait"):
+          plgpu.barrier_wait(k_bars.at[slot])
+          plgpu.barrier_wait(v_bars.at[prev])
+          my_turn()
+
+        def scores(s_ref, acc_ref, p16):
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(acc_ref, pv_operand(p16), v_smem.at[prev])
+          pass_turn()
+          return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # P·V still running
+
+        def tile_softmax(sc, m, denom):
+          plgpu.barrier_arrive(k_free.at[slot])
+          with jax.named_scope("c_softmax"):
+            out = softmax(sc, n, m, denom, masked)
+            if not interpret:  # computed before the wait for P·V, not after it
+              out = lax.optimization_barrier(out)
+          return out
+
+        if interpret:  # the interpreter runs no pl.run_state with accumulators
+          sc, pv = pl.run_scoped(
+            lambda s_ref, acc_ref: (scores(s_ref, acc_ref, p16), acc_ref[...]),
+            plgpu.ACC((ROWS, block_kv), jnp.float32),
+            plgpu.ACC((ROWS, h), jnp.float32),
+          )
+          acc = acc + pv
+          m, alpha, p16, denom = tile_softmax(sc, m, denom)
+        else:
+
+          def products(refs):
+            acc_ref, m_ref, denom_ref, p_ref, alpha_ref = refs
+            sc = pl.run_scoped(
+              lambda s_ref: scores(s_ref, acc_ref, p_ref[...]),
+              plgpu.ACC((ROWS, block_kv), jnp.float32),
+            )
+            out = tile_softmax(sc, m_ref[...], denom_ref[...])
+            m_ref[...], alpha_ref[...], p_ref[...], denom_ref[...] = out
+
+          init = (plgpu.ACC.init(acc), m, denom, p16, m)
+          acc, m, denom, p16, alpha = pl.run_state(products)(init)
+        plgpu.barrier_arrive(v_free.at[prev])
+        return m, denom, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p16
+
+      def run_pipelined(m, denom, acc):
+        # The first tile: its scores and softmax alone.
+        plgpu.barrier_wait(k_bars.at[0])
+        pl.when(wg == 1)(pass_turn)  # consumer 0 issues first
+
+        def first_scores(s_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[0].transpose((1, 0)))
+          pass_turn()
+          return s_ref[...]
+
+        my_turn()
+        sc = pl.run_scoped(first_scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[0])
+        first_masked = (full_lo > lo) | (full_hi == lo)
+        m, _, p16, denom = lax.cond(
+          first_masked,
+          lambda sc, m, d: softmax(sc, lo, m, d, True),
+          lambda sc, m, d: softmax(sc, lo, m, d, False),
+          sc,
+          m,
+          denom,
+        )
+        carry = (m, denom, acc, p16)
+        plain_lo = jnp.clip(full_lo, lo + 1, hi)
+        plain_hi = jnp.clip(full_hi, plain_lo, hi)
+        carry = lax.fori_loop(lo + 1, plain_lo, lambda n, c: overlapped(n, c, True), carry)
+        carry = lax.fori_loop(plain_lo, plain_hi, lambda n, c: overlapped(n, c, False), carry)
+        m, denom, acc, p16 = lax.fori_loop(plain_hi, hi, lambda n, c: overlapped(n, c, True), carry)
+        # The last tile's P·V product.
+        last = slot_of(hi - 1)
+        plgpu.barrier_wait(v_bars.at[last])
+        my_turn()
+
+        def values(acc_ref):
+          plgpu.wgmma(acc_ref, pv_operand(p16), v_smem.at[last])
+          pass_turn()
+          if interpret:
+            return acc_ref[...]
+
+        if interpret:
+          acc = acc + pl.run_scoped(values, plgpu.ACC((ROWS, h), jnp.float32))
+        else:
+          acc = pl.run_state(values)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[last])
+        pl.when(wg == 0)(my_turn)  # consumer 1's last pass
+        return m, denom, acc
+
+      def finish(m, denom, acc):
+        with jax.named_scope("c_epilogue"):
+          empty = denom == 0.0
+          safe = jnp.where(empty, 1.0, denom)
+          inv = 1.0 / safe
+          q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+          lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
+          plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
+          plgpu.wait_smem_to_gmem(0)
+
+      if pipelined:  # rows that see no key tile (lo == hi) skip the loop entirely
+        pl.when(lo < hi)(lambda: finish(*run_pipelined(m, denom, acc)))
+        pl.when(lo >= hi)(lambda: finish(m, denom, acc))
+      else:
+        finish(*run_serial(m, denom, acc))
 
   scratch = [
     plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED),  # Q, then O
@@ -274,7 +418,8 @@ def forward(
     plgpu.Barrier(num_barriers=stages),
     plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-    plgpu.Barrier(num_arrivals=CONSUMERS),
+    # pipelined: one barrier per consumer; serial: one two-arrival barrier
+    plgpu.Barrier(num_barriers=CONSUMERS) if pipelined else plgpu.Barrier(num_arrivals=CONSUMERS),
   ]
   if not p_in_registers:
     scratch.append(plgpu.SMEM((CONSUMERS, ROWS, block_kv), dtype, transforms=_SWIZZLED))
