@@ -110,7 +110,8 @@ class MosaicBlocks:
   # or dkv_kv = 64 with dkv_q = 64.
   bwd_fused: bool = False
   # The forward's consumers issue tile n's Q·Kᵀ with tile n-1's P·V and run tile n's
-  # softmax while P·V computes (FlashAttention-3's intra-warpgroup overlap).
+  # softmax while P·V computes (FlashAttention-3's intra-warpgroup overlap); off: one
+  # tile at a time. See _MOSAIC and _PIPELINED_MIN_KV for where it is on.
   fwd_pipelined: bool = False
 
 
@@ -118,11 +119,20 @@ class MosaicBlocks:
 # (benchmarks/tune_mosaic.py; logs in benchmarks/results/h100_tune_mosaic_*.log).
 # Head dim 256: the only backward blocks that fit in shared memory, with dK and dV
 # accumulated by separate warpgroups (one warpgroup holding both spilled).
+# The pipelined forward (fwd_pipelined) at head dims 128 and 256; H200, forward
+# TFLOP/s, pipelined against one tile at a time, cuDNN in the same run
+# (results/pipelined_3): head dim 128 non-causal 605/582 (2k), 641/616 (4k), 623/593
+# (16k), causal 614/587 (16k); head dim 256 non-causal 689/653 (4k), 666/621 (16k),
+# causal 670/618 (16k). Below _PIPELINED_MIN_KV keys it was even or behind (head dim
+# 128 causal 512: 253/265; 256 non-causal 512: 439/471). Head dim 64 stays serial:
+# with 256-row key tiles the pipelined consumer spills (492 bytes) and lost 13-20%;
+# with 128-row tiles (causal, short) it lost 5-7%.
 _MOSAIC = {
   64: MosaicBlocks(256, 2, 128, 128, 128, 64, 3),
-  128: MosaicBlocks(128, 2, 64, 128, 128, 64, 2),
-  256: MosaicBlocks(64, 2, 64, 64, 64, 64, 2, dkv_split=True),
+  128: MosaicBlocks(128, 2, 64, 128, 128, 64, 2, fwd_pipelined=True),
+  256: MosaicBlocks(64, 2, 64, 64, 64, 64, 2, dkv_split=True, fwd_pipelined=True),
 }
+_PIPELINED_MIN_KV = 2048
 
 
 # head_dim -> the backward fields of the fused backward, taken when a call passes
@@ -207,6 +217,8 @@ def mosaic_blocks(
     blocks = dataclasses.replace(blocks, **_MOSAIC_FUSED[head_dim])
   if blocks.fwd_kv > 128 and causal and kv_len is not None and kv_len < _MOSAIC_LONG_KV:
     blocks = dataclasses.replace(blocks, fwd_kv=128)
+  if blocks.fwd_pipelined and kv_len is not None and kv_len < _PIPELINED_MIN_KV:
+    blocks = dataclasses.replace(blocks, fwd_pipelined=False)
   return blocks
 
 
@@ -224,7 +236,8 @@ def mosaic_candidates(
   memory fail to compile and are skipped by the autotuner. ``interpreter``: the
   Mosaic GPU interpreter on CPU, where only one-consumer backward blocks run
   reliably (see MOSAIC_INTERPRETER) and each call takes seconds: two candidates.
-  ``fwd_kv``: the forward key-tile rows tried on a GPU (each with 2 and 3 stages).
+  ``fwd_kv``: the forward key-tile rows tried on a GPU (each with 2 and 3 stages, one
+  tile at a time and pipelined).
   ``fused``: backward candidates of the fused kernel (``fused_backward``) where the
   head dim has one, and only those.
   """
@@ -240,7 +253,10 @@ def mosaic_candidates(
     return [base, dataclasses.replace(base, bwd_stages=3), one_consumer]
   if part == "fwd":
     return [
-      dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages) for kv in fwd_kv for stages in (2, 3)
+      dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages, fwd_pipelined=pipelined)
+      for kv in fwd_kv
+      for stages in (2, 3)
+      for pipelined in (False, True)
     ]
   return [
     dataclasses.replace(base, dkv_q=dkv_q, dkv_kv=dkv_kv, dq_q=dq_q, dq_kv=dq_kv, bwd_stages=st)

@@ -128,6 +128,12 @@ def test_block_table_short_and_long_keys():
   assert tuning.mosaic_blocks(64, causal=False, kv_len=1024).fwd_kv == 256
   assert tuning.mosaic_blocks(128, kv_len=16384).fwd_kv == 128
   assert tuning.mosaic_blocks(256).dkv_split
+  # The pipelined forward: head dims 128 and 256 from 2048 keys; head dim 64 never.
+  assert tuning.mosaic_blocks(128).fwd_pipelined and tuning.mosaic_blocks(256).fwd_pipelined
+  assert tuning.mosaic_blocks(128, causal=True, kv_len=2048).fwd_pipelined
+  assert not tuning.mosaic_blocks(128, kv_len=1024).fwd_pipelined
+  assert not tuning.mosaic_blocks(256, causal=True, kv_len=512).fwd_pipelined
+  assert not tuning.mosaic_blocks(64).fwd_pipelined
   # deterministic_backward=False: fused backward blocks at head dims 64 and 128 only.
   assert not tuning.mosaic_blocks(128).bwd_fused
   assert tuning.mosaic_blocks(64, fused=True).bwd_fused

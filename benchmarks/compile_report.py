@@ -1,0 +1,143 @@
+"""What ptxas made of the Mosaic GPU kernels: registers, spills, serialized wgmma, time.
+
+Each kernel is compiled with MOSAIC_GPU_DUMP_PTXAS, so ptxas prints its resource report
+and warnings, and then timed at protocol shapes (bf16, batch·seqlen = 16k). One line
+per kernel compile: TFLOP/s of the call, registers, spill bytes, and whether ptxas
+serialized the kernel's wgmma instructions (its info C7513: a register operand of a
+wgmma defined while one is in flight). The raw dumps are kept under ``--out``.
+
+    python benchmarks/compile_report.py --out /tmp/report                 # forward variants
+    python benchmarks/compile_report.py --out /tmp/report --part bwd      # backward kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+
+from bench import flops, inputs, time_fn
+
+FORWARD_VARIANTS = {  # name -> forward options
+  "serial": dict(pipelined=False),
+  "pipelined": dict(pipelined=True),
+  "serial-nosched": dict(pipelined=False, schedule=False),
+  "pipelined-nosched": dict(pipelined=True, schedule=False),
+}
+
+
+@contextlib.contextmanager
+def _captured_fds():
+  """Collect what native code writes to stdout and stderr (ptxas reports go there)."""
+  buf = tempfile.TemporaryFile(mode="w+b")
+  saved = [os.dup(1), os.dup(2)]
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.dup2(buf.fileno(), 1)
+  os.dup2(buf.fileno(), 2)
+  text = io.StringIO()
+  try:
+    yield text
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    buf.seek(0)
+    text.write(buf.read().decode(errors="replace"))
+
+
+def summarize(text: str) -> list[str]:
+  """One entry per kernel compile in a ptxas dump: registers, spills, serialization."""
+  kernels = []
+  for block in re.split(r"(?<=Compile time = )[\d.]+ ms", text)[:-1]:
+    regs = re.search(r"Used (\d+) registers", block)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+    serial = "C7513" in block
+    kernels.append(
+      f"regs={regs.group(1) if regs else '?'} "
+      f"spill={spill.group(1) + '/' + spill.group(2) if spill else '?'}"
+      f"{' SERIALIZED-WGMMA' if serial else ''}"
+    )
+  return kernels
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--part", choices=["fwd", "bwd"], default="fwd")
+  parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
+  parser.add_argument("--seqlen", type=int, default=4096)
+  parser.add_argument("--variants", nargs="+", default=list(FORWARD_VARIANTS))
+  parser.add_argument("--causal", choices=["no", "yes", "both"], default="no")
+  opts = parser.parse_args()
+  os.makedirs(opts.out, exist_ok=True)
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+  import jax
+  import jax.numpy as jnp
+
+  from pallas_attention import masks, tiles, tuning
+  from pallas_attention.mosaic import attention as mosaic
+  from pallas_attention.mosaic import forward as fwd
+  from pallas_attention.problem import Problem
+
+  causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
+  cases = []  # (tag, function, args, flops)
+  for head_dim in opts.head_dims:
+    q, k, v, do = inputs(opts.seqlen, head_dim)
+    for causal in causals:
+      spec = masks.MaskSpec(causal=causal)
+      tag = f"hd{head_dim}_{'causal' if causal else 'full'}"
+      if opts.part == "fwd":
+        blocks = tuning.mosaic_blocks(head_dim, causal, opts.seqlen)
+        for name in opts.variants:
+          options = dict(
+            scale=head_dim**-0.5,
+            spec=spec,
+            q_len=opts.seqlen,
+            kv_len=opts.seqlen,
+            block_kv=blocks.fwd_kv,
+            stages=blocks.fwd_stages,
+            **FORWARD_VARIANTS[name],
+          )
+          run = jax.jit(lambda q, k, v, options=options: fwd.forward(q, k, v, **options))
+          cases.append(
+            (f"{tag}_{name}", run, (q, k, v), flops(opts.seqlen, head_dim, causal, False))
+          )
+        continue
+      for deterministic in (True, False):
+        problem = Problem(head_dim**-0.5, spec, "mosaic", deterministic_backward=deterministic)
+        out, lse2 = jax.jit(lambda q, k, v, p=problem: mosaic.forward(p, q, k, v, *[None] * 4))(
+          q, k, v
+        )
+        delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+        args = (do, tiles.backward_lse(lse2), delta)
+        run = jax.jit(
+          lambda *a, p=problem, q=q, k=k, v=v: mosaic.backward(p, q, k, v, *[None] * 4, *a)
+        )
+        kind = "det" if deterministic else "nondet"
+        cases.append(
+          (f"{tag}_bwd_{kind}", run, args, flops(opts.seqlen, head_dim, causal, True) / 3.5 * 2.5)
+        )
+  lines = []
+  for tag, run, args, work in cases:
+    with _captured_fds() as dump:
+      jax.block_until_ready(run(*args))
+    text = dump.getvalue()
+    with open(os.path.join(opts.out, f"{tag}.txt"), "w") as f:
+      f.write(text)
+    tflops = work / time_fn(run, args) / 1e12
+    lines.append(f"{tag}: {tflops:.0f} TFLOP/s | " + " ; ".join(summarize(text)))
+    print(lines[-1], flush=True)
+    jax.clear_caches()
+  with open(os.path.join(opts.out, "report.txt"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
