@@ -92,38 +92,6 @@ def visible(rows, cols, spec: MaskSpec, q_len, kv_len):
   return keep
 
 
-def visible_in_tile(row_iota, col_iota, row0, col0, spec: MaskSpec, q_len, kv_len):
-  """``visible(row_iota + row0, col_iota + col0, ...)`` with less work per element.
-
-  For kernels' register tiles: ``row_iota`` and ``col_iota`` are the tile's own row
-  and column indices and ``row0``, ``col0`` scalars. The band conditions compare one
-  array, ``col_iota - row_iota``, with scalars, and a length that is None is not
-  checked (the caller knows statically that no row, or column, lies past it). Fewer
-  live element arrays: in the Mosaic GPU backward kernels, the two offset index
-  arrays of ``visible`` were what spilled registers.
-  """
-  keep = None
-
-  def both(cond):
-    return cond if keep is None else keep & cond
-
-  if kv_len is not None:
-    keep = both(col_iota < kv_len - col0)
-  if q_len is not None:
-    keep = both(row_iota < q_len - row0)
-  if spec.causal or spec.window_left is not None or spec.window_right is not None:
-    diff, shift = col_iota - row_iota, row0 - col0  # cols - rows = diff - shift
-    if spec.causal:
-      keep = both(diff <= shift)
-    if spec.window_left is not None:
-      keep = both(diff >= shift - spec.window_left)
-    if spec.window_right is not None:
-      keep = both(diff <= shift + spec.window_right)
-  if keep is None:
-    return col_iota >= -col0  # nothing masked: true everywhere (indices are >= 0)
-  return keep
-
-
 def element_mask(rows, cols, spec: MaskSpec, q_len, kv_len):
   """Boolean ``[len(rows), len(cols)]``: True where row ``i`` may attend to column ``j``."""
   return visible(rows[:, None], cols[None, :], spec, q_len, kv_len)

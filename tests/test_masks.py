@@ -53,24 +53,6 @@ def test_element_mask(spec, t, s):
     np.testing.assert_array_equal(np.asarray(got), numpy_mask(t, s, spec, q_len, kv_len))
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=repr)
-def test_visible_in_tile(spec):
-  """The tile form (one difference array, lengths skipped when None) against numpy."""
-  t, s, rows, cols = 100, 90, 16, 24
-  row_iota = jnp.arange(rows)[:, None] + jnp.zeros((1, cols), jnp.int32)
-  col_iota = jnp.arange(cols)[None, :] + jnp.zeros((rows, 1), jnp.int32)
-  for q_len, kv_len in [(t, s), (70, s), (t, 33), (5, 7)]:
-    want = numpy_mask(t + rows, s + cols, spec, q_len, kv_len)
-    for row0, col0 in itertools.product(range(0, t, 24), range(0, s, 20)):
-      tile = want[row0 : row0 + rows, col0 : col0 + cols]
-      got = masks.visible_in_tile(row_iota, col_iota, row0, col0, spec, q_len, kv_len)
-      np.testing.assert_array_equal(np.asarray(got), tile)
-      # A length left out (None) is one the caller knows no index reaches.
-      if row0 + rows <= q_len and col0 + cols <= kv_len:
-        got = masks.visible_in_tile(row_iota, col_iota, row0, col0, spec, None, None)
-        np.testing.assert_array_equal(np.asarray(got), tile)
-
-
 def _check_ranges(keep, own_len, block_own, block_other, ranges_fn):
   """keep: [own, other] element mask. Check each own-block's (lo, full_lo, full_hi, hi)."""
   own, other = keep.shape

@@ -125,20 +125,6 @@ def _iota(shape, dim):
   return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _mask(x, query_dim, q0, k0, spec, q_lim, kv_lim):
-  """``x`` with invisible pairs zeroed: a register tile whose dim ``query_dim`` holds
-  queries from ``q0`` and the other keys from ``k0``. ``q_lim``, ``kv_lim``: the
-  lengths, None where no padded row or column exists (see _limits)."""
-  rows, cols = _iota(x.shape, query_dim), _iota(x.shape, 1 - query_dim)
-  keep = masks.visible_in_tile(rows, cols, q0, k0, spec, q_lim, kv_lim)
-  return jnp.where(keep, x, 0.0)
-
-
-def _limits(q_len, kv_len, t, s):
-  """The lengths a tile mask must check: None where the padded extent adds nothing."""
-  return (q_len if q_len < t else None), (kv_len if kv_len < s else None)
-
-
 def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_rows=ROWS):
   """Tiles ``lo <= c_lo <= f_lo <= f_hi <= c_hi <= hi`` of the other axis.
 
@@ -198,8 +184,8 @@ def _dkv_tile(slot, rings, bars, k_wg, v_wg, dv, a_smem, masked, r0, i, static):
   Waits for the ring ``slot``'s Q, lse (``bars[0]``) and dO, delta (``bars[1]``);
   computes ``sᵀ = K·Qᵀ``, ``pᵀ`` (masked element-wise if ``masked``; the warpgroup's
   keys start at ``r0``, and ``i`` is the query tile), ``dv + pᵀ·dO`` and ``dPᵀ = V·dOᵀ``
-  in one wgmma group, and ``dsᵀ = pᵀ ⊙ (dPᵀ − δ)``. ``static``: scale, spec and the
-  lengths its mask checks (_limits). Returns ``(dv, dsᵀ as float32, the Q tile)``.
+  in one wgmma group, and ``dsᵀ = pᵀ ⊙ (dPᵀ − δ)``. ``static``: scale, spec, q_len,
+  kv_len. Returns ``(dv, dsᵀ as float32, the Q tile)``.
   """
   scale, spec, q_len, kv_len = static
   q_ring, do_ring, lse_ring, delta_ring = rings
@@ -214,7 +200,8 @@ def _dkv_tile(slot, rings, bars, k_wg, v_wg, dv, a_smem, masked, r0, i, static):
   lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
   pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
   if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-    pt = _mask(pt, 1, i * bq, r0, spec, q_len, kv_len)
+    keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
+    pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
   with jax.named_scope("b_dowait"):
     plgpu.barrier_wait(do_bar.at[slot])
   dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
@@ -320,7 +307,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   dtype = q.dtype
   needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
-  static = (scale, spec, *_limits(q_len, kv_len, t, s))
+  static = (scale, spec, q_len, kv_len)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *p_smem = scratch[:-4]
@@ -485,7 +472,7 @@ def _fused(
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   kv_range = functools.partial(masks.kv_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
-  static = (scale, spec, *_limits(q_len, kv_len, t, s))
+  static = (scale, spec, q_len, kv_len)
   semaphores = ordered and reduce
   if semaphores:
     dq_contributors(spec, q_len, kv_len, t, s, bq, bk)
@@ -769,7 +756,8 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
           lse = plgpu.load(lse_ring.at[slot], (), layout=vec_layout)
           pt = jnp.exp2(st - _broadcast(lse, st.shape, 1))
           if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-            pt = _mask(pt, 1, i * bq, k0, spec, *_limits(q_len, kv_len, t, s))
+            keys, queries = _iota(st.shape, 0) + k0, _iota(st.shape, 1) + i * bq
+            pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
           plgpu.barrier_wait(p_free.at[0])
           pt_smem[...] = pt.astype(dtype)
           plgpu.commit_smem()
@@ -905,7 +893,8 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
         sc = _matmul(q_wg, k_tile.transpose((1, 0)), (ROWS, bk)) * (scale * tiles.LOG2E)
         p = jnp.exp2(sc - _broadcast(lse, sc.shape, 0))
         if masked:
-          p = _mask(p, 0, r0, i * bk, spec, *_limits(q_len, kv_len, t, s))
+          queries, keys = _iota(sc.shape, 0) + r0, _iota(sc.shape, 1) + i * bk
+          p = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), p, 0.0)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _matmul(do_wg, v_ring.at[slot].transpose((1, 0)), (ROWS, bk))
         ds = p * (dp - _broadcast(delta, dp.shape, 0))
