@@ -6,10 +6,19 @@ One CTA owns 128 query rows of one head and runs three warpgroups:
   ``stages``-deep shared-memory ring, refilling a slot once both consumers have
   released it (one "consumed" barrier per slot, two arrivals);
 - two consumers (warpgroups 0 and 1), 64 query rows each, that run both matrix
-  products on ``wgmma`` and the online softmax in registers. A two-arrival
-  schedule barrier makes them take turns on the tensor cores, so one
-  warpgroup's softmax runs while the other's products do (FlashAttention-3's
-  ping-pong).
+  products on ``wgmma`` and the online softmax in registers. Schedule barriers
+  make them take turns issuing products, so one warpgroup's softmax runs while
+  the other's products do (FlashAttention-3's ping-pong).
+
+Two consumer loops (``pipelined``, chosen per head dim in tuning.py):
+
+- serial: per key tile, Q·Kᵀ, softmax, P·V, one after the other;
+- pipelined: per key tile n, Q·K(n)ᵀ and P(n-1)·V(n-1) are issued together,
+  the softmax of tile n runs while P·V is on the tensor cores, and the output is
+  rescaled once it has landed (FlashAttention-3's intra-warpgroup overlap). P
+  is converted to the P·V operand only after that wait: defining a ``wgmma``
+  operand register while one is in flight makes ptxas serialize all of the
+  kernel's ``wgmma`` instructions (its info C7513).
 
 Which key tiles a CTA visits and which of them need an element-wise mask come
 from masks.kv_block_range; the mask itself is masks.visible on register tiles.
@@ -21,7 +30,9 @@ first.
 ``p_in_registers``: on the GPU, P stays in registers as the left operand of the
 P·V ``wgmma``. The Mosaic GPU interpreter (CPU) does not take a register
 operand, so there P goes through shared memory and the product is added to the
-running output in registers. Both paths share everything else.
+running output in registers (the interpreter runs no ``pl.run_state`` with
+accumulators either, so its pipelined loop issues the same products in separate
+scopes). Both paths share everything else.
 """
 
 from __future__ import annotations
