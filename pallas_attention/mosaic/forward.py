@@ -214,6 +214,18 @@ def forward(
         cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout) + j * block_kv
         return jnp.where(masks.visible(rows, cols, spec, q_len, kv_len), sc, -jnp.inf)
 
+      def probabilities(sc, j, m, masked: bool):
+        """Tile j's new running max, the old max's rescale factor and P (float32)."""
+        if masked:
+          sc = mask_scores(sc, j)
+        # m is in base-2 units (scores times log2_scale): p below takes one FMA a score.
+        m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
+        # A row that has seen only masked columns keeps m = -inf: shift by 0.
+        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_shift)
+        p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_shift, sc.shape, [0]))
+        return m_new, alpha, p
+
       def step(j, carry, masked: bool):
         m, denom, acc = carry
         slot = slot_of(j)
@@ -230,14 +242,7 @@ def forward(
         with jax.named_scope("c_qk"):
           sc = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        if masked:
-          sc = mask_scores(sc, j)
-        # m is in base-2 units (scores times log2_scale): p below takes one FMA a score.
-        m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
-        # A row that has seen only masked columns keeps m = -inf: shift by 0.
-        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_shift)
-        p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_shift, sc.shape, [0]))
+        m_new, alpha, p = probabilities(sc, j, m, masked)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         denom = denom * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
@@ -291,13 +296,8 @@ def forward(
           plgpu.barrier_arrive(turn.at[1 - wg])
 
       def softmax(sc, j, m, denom, masked: bool, convert: bool = True):
-        """Tile j's online softmax: new max (base-2 units), rescale factor, P, denominator."""
-        if masked:
-          sc = mask_scores(sc, j)
-        m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
-        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_shift)
-        p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_shift, sc.shape, [0]))
+        """Tile j's online softmax: new max, rescale factor, P, denominator."""
+        m_new, alpha, p = probabilities(sc, j, m, masked)
         return m_new, alpha, p.astype(dtype) if convert else p, denom * alpha + p.sum(axis=1)
 
       def pv_operand(p16):
