@@ -235,3 +235,34 @@ def test_forward_register_path_lowers_for_cuda(head_dim, head_pairs, pipelined):
   )
   lowered = jax.jit(run).trace(q, k, k).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="ptxas runs only when compiling for a GPU")
+@pytest.mark.parametrize("head_dim,block_kv", [(128, 128), (256, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_pipelined_forward_wgmma_not_serialized(head_dim, block_kv, causal, monkeypatch, capfd):
+  """ptxas keeps the pipelined forward's wgmma asynchronous (no info C7513).
+
+  Defining a wgmma register operand while one is in flight makes ptxas serialize every
+  wgmma of the kernel, silently (a third slower on an H200, benchmarks/RESULTS.md).
+  """
+  monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")
+  # A shape no other test compiles, so that this call compiles (and ptxas reports) here.
+  q = jnp.ones((1, 384, 2, head_dim), jnp.bfloat16)
+  run = jax.jit(
+    lambda q: mosaic_forward.forward(
+      q,
+      q,
+      q,
+      scale=0.1,
+      spec=masks.MaskSpec(causal),
+      q_len=379,
+      kv_len=384,
+      block_kv=block_kv,
+      pipelined=True,
+    )
+  )
+  jax.block_until_ready(run(q))
+  report = "".join(capfd.readouterr())
+  assert "registers" in report  # ptxas did report on this compile
+  assert "C7513" not in report
