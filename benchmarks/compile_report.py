@@ -8,6 +8,12 @@ wgmma defined while one is in flight). The raw dumps are kept under ``--out``.
 
     python benchmarks/compile_report.py --out /tmp/report                 # forward variants
     python benchmarks/compile_report.py --out /tmp/report --part bwd      # backward kernels
+
+``--sass`` also dumps each kernel's SASS (MOSAIC_GPU_DUMP_SASS) and counts local-memory
+loads and stores (where spills go), HGMMA and warpgroup waits per kernel. Mosaic GPU runs
+nvdisasm from MOSAIC_GPU_CUDA_ROOT/bin, which jax points at the CUDA pip packages (no
+nvdisasm there); when it is missing there but on the PATH or in /usr/local/cuda, a
+shadow root with it is made for the run.
 """
 
 from __future__ import annotations
@@ -51,6 +57,31 @@ def _captured_fds():
     text.write(buf.read().decode(errors="replace"))
 
 
+SASS_OPS = ("LDL", "STL", "HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE")
+
+
+def _nvdisasm_root() -> str | None:
+  """A CUDA root whose bin/ holds nvdisasm, for Mosaic GPU's SASS dumps (see above)."""
+  import shutil
+
+  root = os.environ.get("MOSAIC_GPU_CUDA_ROOT", "")
+  if os.path.exists(os.path.join(root, "bin", "nvdisasm")):
+    return root
+  tool = shutil.which("nvdisasm") or "/usr/local/cuda/bin/nvdisasm"
+  if not os.path.exists(tool) or not os.path.isdir(root):
+    return None
+  shadow = tempfile.mkdtemp(prefix="cuda_root_")
+  for name in os.listdir(root):
+    if name != "bin":
+      os.symlink(os.path.join(root, name), os.path.join(shadow, name))
+  os.mkdir(os.path.join(shadow, "bin"))
+  bin_dir = os.path.join(root, "bin")
+  for name in os.listdir(bin_dir) if os.path.isdir(bin_dir) else []:
+    os.symlink(os.path.join(bin_dir, name), os.path.join(shadow, "bin", name))
+  os.symlink(tool, os.path.join(shadow, "bin", "nvdisasm"))
+  return shadow
+
+
 def summarize(text: str) -> list[str]:
   """One entry per kernel compile in a ptxas dump: registers, spills, serialization."""
   kernels = []
@@ -63,6 +94,10 @@ def summarize(text: str) -> list[str]:
       f"spill={spill.group(1) + '/' + spill.group(2) if spill else '?'}"
       f"{' SERIALIZED-WGMMA' if serial else ''}"
     )
+  sass = [op for op in SASS_OPS if re.search(rf"\b{re.escape(op)}\b", text)]
+  if sass:  # SASS follows the ptxas reports; counted over the whole dump
+    counts = " ".join(f"{op}={len(re.findall(rf'\b{re.escape(op)}\b', text))}" for op in SASS_OPS)
+    kernels.append(f"sass: {counts}")
   return kernels
 
 
@@ -74,11 +109,20 @@ def main() -> int:
   parser.add_argument("--seqlen", type=int, default=4096)
   parser.add_argument("--variants", nargs="+", default=list(FORWARD_VARIANTS))
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="no")
+  parser.add_argument("--sass", action="store_true", help="also dump and count SASS")
   opts = parser.parse_args()
   os.makedirs(opts.out, exist_ok=True)
   os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
   import jax
   import jax.numpy as jnp
+
+  if opts.sass:
+    root = _nvdisasm_root()  # after importing jax, which sets MOSAIC_GPU_CUDA_ROOT
+    if root is None:
+      print("no nvdisasm found: no SASS", file=sys.stderr)
+    else:
+      os.environ["MOSAIC_GPU_CUDA_ROOT"] = root
+      os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
 
   from pallas_attention import masks, tiles, tuning
   from pallas_attention.mosaic import attention as mosaic
