@@ -154,11 +154,14 @@ def _variant(impl: str):
     jax.clear_caches()
 
 
+@contextlib.contextmanager
 def _forward_pipelined(on: bool):
+  """Every head dim's forward with one loop, at every key length."""
   table = {
     hd: dataclasses.replace(blocks, fwd_pipelined=on) for hd, blocks in tuning._MOSAIC.items()
   }
-  return mock.patch.dict(tuning._MOSAIC, table)
+  with mock.patch.dict(tuning._MOSAIC, table), mock.patch.object(tuning, "_PIPELINED_MIN_KV", 0):
+    yield
 
 
 def measure(impl, seqlen, head_dim, causal, backward) -> float | str:
@@ -186,8 +189,9 @@ def main(argv=None) -> int:
     "--impls",
     nargs="+",
     help="default: every implementation that runs compiled here; also mosaic-fused "
-    "(mosaic with deterministic_backward=False) and mosaic-twokernel (the deterministic "
-    "backward as two kernels)",
+    "(mosaic with deterministic_backward=False), mosaic-twokernel (the deterministic "
+    "backward as two kernels), and mosaic-serial / mosaic-pipelined (every forward with "
+    "that consumer loop)",
   )
   parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--out", help="write bench.json, bench.md and bench.png into this folder")

@@ -3,8 +3,9 @@
 Each kernel is compiled with MOSAIC_GPU_DUMP_PTXAS, so ptxas prints its resource report
 and warnings, and then timed at protocol shapes (bf16, batch·seqlen = 16k). One line
 per kernel compile: TFLOP/s of the call, registers, spill bytes, and whether ptxas
-serialized the kernel's wgmma instructions (its info C7513: a register operand of a
-wgmma defined while one is in flight). The raw dumps are kept under ``--out``.
+serialized the kernel's wgmma instructions, with its code (info C7513: a register operand
+of a wgmma defined while one is in flight; C7512: too few registers). The raw dumps are
+kept under ``--out``.
 
     python benchmarks/compile_report.py --out /tmp/report                 # forward variants
     python benchmarks/compile_report.py --out /tmp/report --part bwd      # backward kernels
@@ -88,11 +89,11 @@ def summarize(text: str) -> list[str]:
   for block in re.split(r"(?<=Compile time = )[\d.]+ ms", text)[:-1]:
     regs = re.search(r"Used (\d+) registers", block)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
-    serial = "C7513" in block
+    serial = re.search(r"\((C75\d\d)\)[^\n]*wgmma[^\n]*serialized", block)
     kernels.append(
       f"regs={regs.group(1) if regs else '?'} "
       f"spill={spill.group(1) + '/' + spill.group(2) if spill else '?'}"
-      f"{' SERIALIZED-WGMMA' if serial else ''}"
+      f"{f' SERIALIZED-WGMMA ({serial.group(1)})' if serial else ''}"
     )
   sass = [op for op in SASS_OPS if re.search(rf"\b{re.escape(op)}\b", text)]
   if sass:  # SASS follows the ptxas reports; counted over the whole dump
@@ -115,9 +116,10 @@ def main() -> int:
   os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
   import jax
   import jax.numpy as jnp
+  from jax.experimental.mosaic import gpu as _  # noqa: F401 -- sets MOSAIC_GPU_CUDA_ROOT
 
   if opts.sass:
-    root = _nvdisasm_root()  # after importing jax, which sets MOSAIC_GPU_CUDA_ROOT
+    root = _nvdisasm_root()  # after the import above, which would overwrite it
     if root is None:
       print("no nvdisasm found: no SASS", file=sys.stderr)
     else:

@@ -33,12 +33,12 @@ def _normal(b, t, n, h):
   return [jax.random.normal(key, (b, t, n, h), jnp.bfloat16) for key in keys]
 
 
-def _forward(t, h, causal, block_kv, stages):
+def _forward(t, h, causal, blocks):
+  """The forward with the table's key tile, stages and loop (serial or pipelined)."""
   spec = masks.MaskSpec(causal=causal)
+  options = dict(block_kv=blocks.fwd_kv, stages=blocks.fwd_stages, pipelined=blocks.fwd_pipelined)
   return jax.jit(
-    lambda q, k, v: fwd.forward(
-      q, k, v, scale=h**-0.5, spec=spec, q_len=t, kv_len=t, block_kv=block_kv, stages=stages
-    )[0]
+    lambda q, k, v: fwd.forward(q, k, v, scale=h**-0.5, spec=spec, q_len=t, kv_len=t, **options)[0]
   )
 
 
@@ -55,7 +55,7 @@ def timing():
     def cudnn(q, k, v):
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
-    ours = work / time_fn(_forward(t, h, False, blocks.fwd_kv, blocks.fwd_stages), (q, k, v))
+    ours = work / time_fn(_forward(t, h, False, blocks), (q, k, v))
     theirs = work / time_fn(jax.jit(cudnn), (q, k, v))
     print(f"| {b} | {t} | {n} | {h} | {blocks.fwd_kv} | {ours / 1e12:.0f} | {theirs / 1e12:.0f} |")
 
@@ -97,7 +97,7 @@ def _profiled(fn, args, space):
 def profile_forward(b, t, h=128):
   blocks = tuning.mosaic_blocks(h, False, t)
   steps = t // blocks.fwd_kv
-  fn = _forward(t, h, False, blocks.fwd_kv, blocks.fwd_stages)
+  fn = _forward(t, h, False, blocks)
   trace = _profiled(fn, _normal(b, t, 2048 // h, h), 4 * steps + 16)
   print(f"## forward B={b} T={t} H={h}, k-cycles per key tile")
   summarize(trace, steps, 3)

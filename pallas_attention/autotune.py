@@ -3,8 +3,10 @@
 ``choose`` takes a list of candidate configurations (block sizes, warps, ...), builds a
 runnable for each, times them on the current device and returns the fastest. The
 winner is written to a JSON cache on disk, keyed by the problem (``kind`` plus the
-caller's ``key``), the device kind (``jax.devices()[0].device_kind``) and the JAX
-version, so later processes reuse it without timing anything.
+caller's ``key``), the device kind (``jax.devices()[0].device_kind``), the JAX
+version and the candidate set (a digest of their JSON forms), so later processes reuse
+it without timing anything, and a version of the library that tries other candidates
+(or gives them new fields) tunes again instead of reusing an older winner.
 
 Enabling it
   Autotuning is off by default: ``choose`` then returns its ``default`` immediately.
@@ -36,6 +38,7 @@ This module imports nothing from the rest of the package.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import pathlib
@@ -113,12 +116,14 @@ def _jsonable(value: Any) -> Any:
   return str(value)
 
 
-def _describe(kind: str, key: dict) -> dict:
+def _describe(kind: str, key: dict, candidates: list[dict]) -> dict:
+  tried = json.dumps(_jsonable(candidates), sort_keys=True, separators=(",", ":"))
   return {
     "kind": kind,
     "key": [[str(k), _jsonable(v)] for k, v in sorted(key.items(), key=lambda kv: str(kv[0]))],
     "device_kind": jax.devices()[0].device_kind,
     "jax": jax.__version__,
+    "candidates_digest": hashlib.sha256(tried.encode()).hexdigest()[:16],
   }
 
 
@@ -237,7 +242,7 @@ def choose[T](
   if rounds < 1:
     raise ValueError(f"rounds must be >= 1, got {rounds}")
 
-  description = _describe(kind, key)
+  description = _describe(kind, key, [to_json(c) for c in candidates])
   full_key = _key_string(description)
   path = cache_path()
 

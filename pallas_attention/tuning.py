@@ -123,10 +123,12 @@ class MosaicBlocks:
 # TFLOP/s, pipelined against one tile at a time, cuDNN in the same run
 # (results/pipelined_3): head dim 128 non-causal 605/582 (2k), 641/616 (4k), 623/593
 # (16k), causal 614/587 (16k); head dim 256 non-causal 689/653 (4k), 666/621 (16k),
-# causal 670/618 (16k). Below _PIPELINED_MIN_KV keys it was even or behind (head dim
-# 128 causal 512: 253/265; 256 non-causal 512: 439/471). Head dim 64 stays serial:
-# with 256-row key tiles the pipelined consumer spills (492 bytes) and lost 13-20%;
-# with 128-row tiles (causal, short) it lost 5-7%.
+# causal 670/618 (16k). Below _PIPELINED_MIN_KV keys it was mixed: behind at head dim
+# 128 causal 512 (253/265) and 256 non-causal 512 (439/471), ahead at 128 non-causal
+# 512 (411/395) and 256 non-causal 1k (571/558), within 3% elsewhere. Head dim 64 stays
+# serial: with 256-row key tiles the pipelined consumer spills (492 bytes) and ptxas
+# serializes its wgmma for lack of registers (info C7512); it lost 16-23%, and with
+# 128-row tiles (causal, short) 5-6%.
 _MOSAIC = {
   64: MosaicBlocks(256, 2, 128, 128, 128, 64, 3),
   128: MosaicBlocks(128, 2, 64, 128, 128, 64, 2, fwd_pipelined=True),

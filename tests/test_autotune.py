@@ -153,8 +153,21 @@ def test_different_keys_tuned_separately():
   assert make_run.builds == 3 + 2 + 2
   assert len(read_entries()) == 3
   autotune._clear_memo()
-  assert choose(make_run, key={"t": 2}) == 10  # each key kept its own winner
+  assert choose(make_run, key={"t": 2}, candidates=(20, 10)) == 10  # each key kept its own
   assert make_run.builds == 7
+
+
+def test_other_candidates_retune():
+  """A winner is reused only for the candidate set it was chosen from: a library
+  version that tries more (or differently shaped) candidates tunes again."""
+  autotune.enable()
+  make_run = Sleeper()
+  assert choose(make_run, candidates=(20, 10)) == 10
+  autotune._clear_memo()
+  assert choose(make_run, candidates=(20, 10)) == 10 and make_run.builds == 2  # cached
+  assert choose(make_run, candidates=(20, 10, 0)) == 0
+  assert make_run.builds == 5
+  assert len(read_entries()) == 2
 
 
 def test_key_order_does_not_matter():

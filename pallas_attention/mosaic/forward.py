@@ -10,7 +10,7 @@ One CTA owns 128 query rows of one head and runs three warpgroups:
   make them take turns issuing products, so one warpgroup's softmax runs while
   the other's products do (FlashAttention-3's ping-pong).
 
-Two consumer loops (``pipelined``, chosen per head dim in tuning.py):
+Two consumer loops (``pipelined``, chosen by head dim and key length in tuning.py):
 
 - serial: per key tile, Q·Kᵀ, softmax, P·V, one after the other;
 - pipelined: per key tile n, Q·K(n)ᵀ and P(n-1)·V(n-1) are issued together,
@@ -419,7 +419,7 @@ def forward(
           plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
           plgpu.wait_smem_to_gmem(0)
 
-      if pipelined:  # rows that see no key tile (lo == hi) skip the loop entirely
+      if pipelined:  # a CTA that visits no key tile (lo == hi) skips the loop entirely
         pl.when(lo < hi)(lambda: finish(*run_pipelined(m, denom, acc)))
         pl.when(lo >= hi)(lambda: finish(m, denom, acc))
       else:
