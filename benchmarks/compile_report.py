@@ -141,15 +141,11 @@ def main() -> int:
       if opts.part == "fwd":
         blocks = tuning.mosaic_blocks(head_dim, causal, opts.seqlen)
         for name in opts.variants:
-          options = dict(
-            scale=head_dim**-0.5,
-            spec=spec,
-            q_len=opts.seqlen,
-            kv_len=opts.seqlen,
-            block_kv=blocks.fwd_kv,
-            stages=blocks.fwd_stages,
-            **FORWARD_VARIANTS[name],
-          )
+          options = {
+            **dict(scale=head_dim**-0.5, spec=spec, q_len=opts.seqlen, kv_len=opts.seqlen),
+            **blocks.forward_options(),
+            **FORWARD_VARIANTS[name],  # the variant's loop, not the table's
+          }
           run = jax.jit(lambda q, k, v, options=options: fwd.forward(q, k, v, **options))
           cases.append(
             (f"{tag}_{name}", run, (q, k, v), flops(opts.seqlen, head_dim, causal, False))

@@ -36,7 +36,7 @@ def _normal(b, t, n, h):
 def _forward(t, h, causal, blocks):
   """The forward with the table's key tile, stages and loop (serial or pipelined)."""
   spec = masks.MaskSpec(causal=causal)
-  options = dict(block_kv=blocks.fwd_kv, stages=blocks.fwd_stages, pipelined=blocks.fwd_pipelined)
+  options = blocks.forward_options()
   return jax.jit(
     lambda q, k, v: fwd.forward(q, k, v, scale=h**-0.5, spec=spec, q_len=t, kv_len=t, **options)[0]
   )

@@ -42,17 +42,8 @@ def split_times(head_dim, seqlen, causal):
   blocks = tuning.mosaic_blocks(head_dim, causal, seqlen)
   spec = masks.MaskSpec(causal=causal)
   static = dict(scale=head_dim**-0.5, spec=spec, q_len=seqlen, kv_len=seqlen)
-  forward = jax.jit(
-    lambda q, k, v: fwd.forward(
-      q,
-      k,
-      v,
-      **static,
-      block_kv=blocks.fwd_kv,
-      stages=blocks.fwd_stages,
-      pipelined=blocks.fwd_pipelined,
-    )
-  )
+  options = blocks.forward_options()
+  forward = jax.jit(lambda q, k, v: fwd.forward(q, k, v, **static, **options))
   out, lse2 = forward(q, k, v)
   delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   args = (q, k, v, do, lse2, delta)

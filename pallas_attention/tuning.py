@@ -114,6 +114,11 @@ class MosaicBlocks:
   # tile at a time. See _MOSAIC and _PIPELINED_MIN_KV for where it is on.
   fwd_pipelined: bool = False
 
+  def forward_options(self) -> dict:
+    """The ``mosaic.forward.forward`` keyword arguments these blocks set (all but
+    ``head_pairs``, which also depends on the call's GQA group)."""
+    return dict(block_kv=self.fwd_kv, stages=self.fwd_stages, pipelined=self.fwd_pipelined)
+
 
 # head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096
 # (benchmarks/tune_mosaic.py; logs in benchmarks/results/h100_tune_mosaic_*.log).

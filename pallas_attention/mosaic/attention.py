@@ -173,9 +173,7 @@ def _forward(problem: Problem, q, k, v):
     spec=problem.spec,
     q_len=t,
     kv_len=s,
-    block_kv=config.fwd_kv,
-    stages=config.fwd_stages,
-    pipelined=config.fwd_pipelined,
+    **config.forward_options(),
     head_pairs=config.fwd_head_pairs and (q.shape[2] // k.shape[2]) % 2 == 0,
   )
   return out[:, :t, :, :h], lse2[:, :, :t]
