@@ -77,7 +77,8 @@ def _fn(impl: str, causal: bool, backward: bool):
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=name)
   else:
     # "mosaic-fused": mosaic with deterministic_backward=False (the fused backward, dQ
-    # added in no fixed order). "mosaic-twokernel", "mosaic-serial", "mosaic-pipelined":
+    # added in no fixed order). "mosaic-twokernel", "mosaic-ordered", "mosaic-serial",
+    # "mosaic-pipelined":
     # the default with one table setting changed (see _variant).
     name, _, variant = impl.partition("-")
     deterministic = variant != "fused"
@@ -136,10 +137,12 @@ def flops(seqlen: int, head_dim: int, causal: bool, backward: bool) -> float:
 def _variant(impl: str):
   """mosaic with one table setting changed, traced apart from the other implementations'
   calls (jit caches key on the Problem, not on the table): "mosaic-twokernel",
-  tuning.DETERMINISTIC_FUSED off; "mosaic-serial" / "mosaic-pipelined", every head dim's
-  forward with fwd_pipelined off / on."""
+  tuning.DETERMINISTIC_FUSED off; "mosaic-ordered", the ordered fused backward wherever
+  the head dim has one, at every key length, causal or not; "mosaic-serial" /
+  "mosaic-pipelined", every head dim's forward with fwd_pipelined off / on."""
   patches = {
     "mosaic-twokernel": lambda: mock.patch.object(tuning, "DETERMINISTIC_FUSED", False),
+    "mosaic-ordered": _ordered_everywhere,
     "mosaic-serial": lambda: _forward_pipelined(False),
     "mosaic-pipelined": lambda: _forward_pipelined(True),
   }
@@ -152,6 +155,18 @@ def _variant(impl: str):
       yield
   finally:
     jax.clear_caches()
+
+
+@contextlib.contextmanager
+def _ordered_everywhere():
+  """The ordered fused backward at every key length (and its blocks, which the table
+  keeps from short causal calls at head dim 128)."""
+  everywhere = {key: 0 for key in tuning._ORDERED_MIN_KV}
+  with (
+    mock.patch.dict(tuning._ORDERED_MIN_KV, everywhere),
+    mock.patch.object(tuning, "_FUSED_MIN_CAUSAL_KV", 0),
+  ):
+    yield
 
 
 @contextlib.contextmanager
@@ -190,7 +205,8 @@ def main(argv=None) -> int:
     nargs="+",
     help="default: every implementation that runs compiled here; also mosaic-fused "
     "(mosaic with deterministic_backward=False), mosaic-twokernel (the deterministic "
-    "backward as two kernels), and mosaic-serial / mosaic-pipelined (every forward with "
+    "backward as two kernels), mosaic-ordered (the ordered fused backward at every "
+    "length, causal or not), and mosaic-serial / mosaic-pipelined (every forward with "
     "that consumer loop)",
   )
   parser.add_argument("--json", help="write all results to this file")
@@ -221,8 +237,11 @@ def main(argv=None) -> int:
           }
           for impl in impls:
             row[impl] = measure(impl, seqlen, head_dim, causal, backward)
+            # The value goes into the progress line too: a run cut off by a time limit
+            # keeps what it measured in its log.
             progress.step(
               f"hd={head_dim} {'causal ' if causal else ''}{row['pass']} {seqlen} {impl}"
+              f" = {_number(row[impl])}"
             )
           results.append(row)
 

@@ -161,16 +161,39 @@ _FUSED_MIN_CAUSAL_KV = 4096
 
 # The default, deterministic backward takes the fused kernel too where it was measured
 # faster than the two-kernel one (dK/dV, then dQ): with its dQ additions put in a fixed
-# order by global semaphores and a writer warp (mosaic/backward.py::_fused), non-causal,
-# keys at least _ORDERED_MIN_KV[head_dim] long. H100 (results/ordered_2, ordered_3),
+# order by global semaphores and a writer warp (mosaic/backward.py::_fused), for keys at
+# least _ORDERED_MIN_KV[head_dim, causal] long. H100 (results/ordered_2, ordered_3),
 # fwd+bwd TFLOP/s ordered against two-kernel: head dim 128 non-causal 454/444 at 2k,
 # 486/464 at 4k, 532/491 at 8k, 544/494 at 16k, but 310/332 at 512; head dim 64
 # non-causal 407/385 at 4k, 475/411 at 16k, 365/368 at 2k. Causal it lost at every
-# length (head dim 128: 373/423 at 4k, 486/493 at 16k; head dim 64: 380/397 at 16k):
-# each key block waits for the one below it at every query tile, and the causal
-# blocks with the least work wait longest. DETERMINISTIC_FUSED = False turns it off.
+# length (head dim 128: 373/423 at 4k, 486/493 at 16k; head dim 64: 380/397 at 16k)
+# while the adds went in increasing block order: each key block waited for the whole
+# chain below it. They now go in decreasing order with the grid launched from the last
+# key block down (mosaic/backward.py::_fused), so a causal block finds the blocks above
+# it done; but a causal head's heaviest CTAs (its lowest key blocks) now start last.
+# H200 (results/reversed_2), fwd+bwd TFLOP/s, ordered against two-kernel, causal: head
+# dim 64 350/343 at 4k, 434/391 at 16k; head dim 128 362/393 at 2k, 424/435 at 4k,
+# 469/469 at 8k, 483/494 at 16k (the unordered fused kernel, heaviest CTAs first:
+# 391/442/482/521), so causal head dim 128 keeps the two-kernel backward. Non-causal
+# head dim 128 it is unchanged (466/502/539/547 at 2k-16k; before: 504 at 4k, 546 at
+# 16k, results/reversed_1/old.md). DETERMINISTIC_FUSED = False turns it off.
 DETERMINISTIC_FUSED = True
-_ORDERED_MIN_KV = {64: 4096, 128: 2048}
+# The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
+# (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
+# about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),
+# for non-causal calls (ORDERED_CHUNK_CAUSAL) with at most ORDERED_CHUNK_MAX_KV key
+# blocks. H200 (results/reversed_3), fwd+bwd TFLOP/s, chunks of 8 against a pair's
+# blocks all together: head dim 128 non-causal 474/461 at 2k, 508/496 at 4k, but 535/539 at 16k;
+# head dim 64 non-causal 418/403 at 4k, 454/462 at 16k; causal 343/349 and 412/427 at
+# 4k and 16k, head dim 128 causal 410 and 459 at 4k and 16k (the two-kernel backward:
+# 435, 495); chunks of 4: 460, 494, 526 at head dim 128 non-causal 2k, 4k, 16k.
+ORDERED_CHUNK = 8
+ORDERED_WAVE = 128
+ORDERED_CHUNK_MAX_KV = 32
+ORDERED_CHUNK_CAUSAL = False
+# (head_dim, causal) -> the shortest key length that takes the ordered fused backward
+# (None: never).
+_ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): None}
 
 
 def has_fused_backward(head_dim: int) -> bool:
@@ -190,9 +213,10 @@ def fused_backward(head_dim: int, causal: bool, kv_len: int | None, deterministi
   if not deterministic:
     short = kv_len is not None and kv_len < _FUSED_MIN_CAUSAL_KV
     return not (head_dim == 128 and causal and short)
-  if not DETERMINISTIC_FUSED or causal:
+  min_kv = _ORDERED_MIN_KV[head_dim, causal]
+  if not DETERMINISTIC_FUSED or min_kv is None:
     return False
-  return kv_len is None or kv_len >= _ORDERED_MIN_KV[head_dim]
+  return kv_len is None or kv_len >= min_kv
 
 
 # In the Mosaic GPU interpreter (CPU) every warpgroup is a thread blocked in barrier

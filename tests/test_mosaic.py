@@ -150,14 +150,15 @@ def test_block_table_short_and_long_keys():
   assert tuning.mosaic_blocks(128, causal=True, kv_len=4096, fused=True).bwd_fused
   assert tuning.mosaic_blocks(64, causal=True, kv_len=512, fused=True).bwd_fused
   # Which calls take the fused backward: every one with deterministic_backward=False
-  # (where the head dim has it); deterministic ones (dQ added in order) non-causal and
-  # long only, where it was measured faster than the two-kernel backward.
+  # (where the head dim has it); deterministic ones (dQ added in order) long only,
+  # where it was measured faster than the two-kernel backward.
   fused = tuning.fused_backward
   assert fused(64, True, 512, deterministic=False) and fused(128, False, 512, False)
   assert not fused(256, False, 16384, deterministic=False)
   assert not fused(128, True, 2048, deterministic=False) and fused(128, True, 4096, False)
   assert fused(128, False, 2048, True) and fused(64, False, 4096, True)
   assert not fused(128, False, 1024, True) and not fused(64, False, 2048, True)
+  assert fused(64, True, 4096, True) and not fused(64, True, 2048, True)
   assert not fused(128, True, 16384, True) and not fused(256, False, 16384, True)
 
 

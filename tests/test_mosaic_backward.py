@@ -140,11 +140,64 @@ _ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="two consumers: GPU (lowere
 )
 @pytest.mark.parametrize("deterministic", [True, False], ids=["ordered", "unordered"])
 def test_backward_fused(b, t, s, n, kv_heads, h, spec, lengths, blocks, deterministic, rng):
-  """Ordered: query tiles visited from the last down and, on the GPU, dQ added in key
-  block order under global semaphores; unordered: tiles up, adds in any order."""
+  """Ordered: key blocks launched from the last down and, on the GPU, dQ added in
+  decreasing key-block order under global semaphores; unordered: adds in any order."""
   q_len, kv_len = lengths or (None, None)
   kw = dict(deterministic=deterministic)
   _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, blocks, **kw)
+
+
+def test_backward_fused_ordered_in_chunks(rng, monkeypatch, request):
+  """The ordered kernel's CTAs launched two key blocks of a pair at a time (four
+  blocks, four (batch, kv head) pairs; non-causal only): every CTA still gets its own
+  key block."""
+  # jit caches key on shapes, not on the table: trace here afresh, and leave no kernel
+  # traced with these settings to later tests.
+  jax.clear_caches()
+  request.addfinalizer(jax.clear_caches)
+  assert mosaic_bwd._ordered_chunks(16, 128) == (128, 1)  # many key blocks: no chunks
+  assert mosaic_bwd._ordered_chunks(128, 16) == (8, 16)
+  monkeypatch.setattr(tuning, "ORDERED_CHUNK", 2)
+  assert mosaic_bwd._ordered_chunks(4, 4) == (2, 4)
+  assert mosaic_bwd._ordered_chunks(4, 4, causal=True) == (4, 1)
+  _check(rng, 2, 128, 256, 4, 2, 64, masks.MaskSpec(), None, 230, FUSED_ONE)
+
+
+@pytest.mark.parametrize(
+  "b,kv_heads,num_kv,chunk,wave",
+  [
+    (1, 16, 128, 8, 128),
+    (8, 16, 16, 8, 128),
+    (3, 5, 24, 8, 128),
+    (2, 2, 8, 8, 128),
+    (4, 16, 32, 0, 128),
+    (1, 1, 64, 16, 32),
+    (2, 3, 12, 4, 128),
+    (2, 3, 20, 8, 128),  # key blocks not a multiple of the chunk: one pair at a time
+    (1, 17, 16, 8, 128),  # a prime number of pairs, more than fit a wave: groups of one
+  ],
+)
+def test_ordered_launch_order(b, kv_heads, num_kv, chunk, wave, monkeypatch):
+  """The ordered fused kernel's grid: one CTA per (batch, kv head, key block), and each
+  pair's key blocks launched from the last down (a block waits only for higher blocks,
+  so it never waits for a CTA launched after it)."""
+  monkeypatch.setattr(tuning, "ORDERED_CHUNK", chunk)
+  monkeypatch.setattr(tuning, "ORDERED_WAVE", wave)
+  monkeypatch.setattr(tuning, "ORDERED_CHUNK_MAX_KV", 1024)  # chunks at any count here
+  grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
+  axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]  # ravel: launch order
+  batch, head, block = (np.asarray(x) for x in mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv))
+  seen = sorted(zip(batch.tolist(), head.tolist(), block.tolist(), strict=True))
+  assert seen == sorted(np.ndindex(b, kv_heads, num_kv))  # each CTA once
+  for pair in range(b * kv_heads):
+    launched = block[(batch * kv_heads + head) == pair]
+    assert np.array_equal(launched, np.arange(num_kv)[::-1]), pair
+  chunk_size, group = mosaic_bwd._ordered_chunks(b * kv_heads, num_kv)
+  assert chunk_size * group <= max(wave, num_kv) and (b * kv_heads) % group == 0
+  if chunk and num_kv > chunk and num_kv % chunk == 0:
+    assert chunk_size == chunk  # the first chunk of `group` pairs starts together
+    first = np.stack([batch, head], 1)[: chunk * group]
+    assert len({tuple(x) for x in first.tolist()}) == group
 
 
 @pytest.mark.parametrize(
@@ -173,8 +226,29 @@ def test_dq_contributors_are_the_blocks_that_see_each_tile(spec, t, s, q_len, kv
     if blocks.size:
       assert (first[i], count[i]) == (blocks[0], blocks.size), i
       assert np.array_equal(blocks, np.arange(blocks[0], blocks[-1] + 1)), i
+      _check_dq_turns([int(j) for j in blocks], int(first[i]), int(first[i] + count[i]))
     else:
       assert count[i] == 0, i
+
+
+def _check_dq_turns(blocks, first, stop):
+  """The ordered kernel's semaphore protocol (``_dq_turn``) for one tile, simulated: the
+  blocks add one at a time from the highest down, each when the count reads its turn,
+  and the count is back at zero after the last add (the next call starts from zero)."""
+  turns = {j: mosaic_bwd._dq_turn(j, first, stop) for j in blocks}
+  order = sorted(blocks, key=lambda j: turns[j][0])
+  assert order == sorted(blocks, reverse=True)
+  assert [turns[j][0] for j in order] == list(range(len(blocks)))
+  count = 0
+  for j in order:
+    turn, last, more = turns[j]
+    assert count == turn  # the wait (count >= turn) passes now and not before
+    assert last == (j == blocks[0]) and more == (not last)
+    if last:
+      count -= turn  # the lowest block's wait takes the count back down
+    if more:
+      count += 1  # signal the next block
+  assert count == 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")

@@ -141,16 +141,10 @@ def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_row
   return lo, c_lo, f_lo, f_hi, c_hi, hi
 
 
-def _sweep(ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
-  """Visit tiles ``[lo, hi)`` in order (from ``hi - 1`` down with ``descending``):
-  ``visit(masked, tile, carry)`` or ``skip``."""
+def _sweep(ranges, visit, skip, carry, needs_mask: bool):
+  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``."""
   lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
-
-  def loop(start, stop, body, carry):
-    if not descending:
-      return lax.fori_loop(start, stop, body, carry)
-    return lax.fori_loop(start, stop, lambda k, c: body(start + stop - 1 - k, c), carry)
-
+  loop = lax.fori_loop
   plain = functools.partial(visit, False)
   if not needs_mask:
     return loop(lo, hi, plain, carry)
@@ -162,18 +156,18 @@ def _sweep(ranges, visit, skip, carry, needs_mask: bool, descending: bool = Fals
     (f_hi, c_hi, masked),
     (c_hi, hi, skip),
   ]
-  for start, stop, body in runs[::-1] if descending else runs:
+  for start, stop, body in runs:
     carry = loop(start, stop, body, carry)
   return carry
 
 
-def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
+def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool):
   """``_sweep`` for each query head ``g`` of a GQA group, in order:
   ``visit(g, masked, i, carry)`` or ``skip(g, i, carry)`` per query tile ``i``."""
 
   def per_head(g, carry):
     visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-    return _sweep(ranges, visit_g, skip_g, carry, needs_mask, descending)
+    return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
 
   return lax.fori_loop(0, group, per_head, carry)
 
@@ -231,22 +225,22 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
-def _query_tile(step, lo, num_q, descending):
+def _query_tile(step, lo, num_q):
   """The (GQA head ``g``, query tile ``i``) of a dK/dV kernel's step: the heads in
-  turn, each over tiles ``[lo, lo + num_q)``, from the last down with ``descending``.
-  The producer fetches in this order, and the fused kernel's dQ writer adds in it."""
+  turn, each over tiles ``[lo, lo + num_q)`` in order. The producer fetches in this
+  order, and the fused kernel's dQ writer adds in it. ``_step`` is the inverse."""
   g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
-  if descending:
-    return g, lo + num_q - 1 - (step - g * num_q)
   return g, lo + step - g * num_q
 
 
-def _produce_query_tiles(
-  refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, descending=False
-):
+def _step(g, i, lo, num_q):
+  """The step at which a dK/dV kernel visits query tile ``i`` of GQA head ``g``."""
+  return g * num_q + i - lo
+
+
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages):
   """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
-  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step;
-  the tiles of each head from the last down with ``descending``.
+  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step.
 
   Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
   """
@@ -255,7 +249,7 @@ def _produce_query_tiles(
   q_bar, do_bar, consumed = bars
 
   def fetch(step, slot):
-    g, i = _query_tile(step, lo, num_q, descending)
+    g, i = _query_tile(step, lo, num_q)
     q0 = i * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
@@ -350,7 +344,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
 
       def visit(g, masked, i, carry):
         dk, dv = carry
-        slot = lax.rem(g * num_q + i - lo, stages)
+        slot = lax.rem(_step(g, i, lo, num_q), stages)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
         with jax.named_scope("b_dk"):
@@ -359,7 +353,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
         return dk, dv
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(g * num_q + i - lo, stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q), stages))
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
@@ -433,6 +427,51 @@ def fused_slab(bq: int, h: int, consumers: int):
   return None
 
 
+def _dq_turn(kv_block, first, stop):
+  """The ordered fused kernel's place for key block ``kv_block`` among the blocks
+  ``[first, stop)`` that add into a query tile: ``(turn, last, more)``. It adds once
+  ``turn`` adds are in (the blocks above it add first); ``last``: the lowest block, which
+  adds last and takes the count back to zero; ``more``: others follow (signal them)."""
+  return stop - 1 - kv_block, kv_block == first, kv_block > first
+
+
+def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int, int]:
+  """``(chunk, group)`` of the ordered fused kernel's launch order (``_ordered_cta``):
+  ``chunk`` key blocks of a (batch, kv head) pair start together, beside the same
+  chunk of ``group`` - 1 other pairs. (num_kv, 1): the pairs one after the other,
+  which is what causal calls and more than ``tuning.ORDERED_CHUNK_MAX_KV`` key
+  blocks get (measured: see tuning.ORDERED_CHUNK)."""
+  chunk = tuning.ORDERED_CHUNK
+  short = num_kv <= tuning.ORDERED_CHUNK_MAX_KV
+  if (causal and not tuning.ORDERED_CHUNK_CAUSAL) or not short or not chunk:
+    return num_kv, 1
+  if num_kv <= chunk or num_kv % chunk:
+    return num_kv, 1
+  group = max((d for d in range(1, tuning.ORDERED_WAVE // chunk + 1) if pairs % d == 0), default=1)
+  return chunk, group
+
+
+def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=False):
+  """(batch, kv head, key block) of a CTA of the ordered fused kernel.
+
+  Every (batch, kv head) pair's key blocks are launched from the last down, so a
+  block only waits for blocks launched before it. They start ``chunk`` at a time
+  (``_ordered_chunks``), chunk c of ``group`` pairs together, then chunk c + 1 of the
+  same pairs: a block waits for the blocks above it at every query tile until they
+  are a tile ahead, and the blocks that start together wait longest (a chain of
+  adds), so chunks keep that chain short, while the pairs of a group share their
+  Q, dO and dQ tiles in L2 across chunks.
+  """
+  chunk, group = _ordered_chunks(b * kv_heads, num_kv, causal)
+  linear = (batch_axis * kv_heads + head_axis) * num_kv + kv_axis  # launch order
+  in_chunk, linear = lax.rem(linear, chunk), lax.div(linear, chunk)
+  in_group, linear = lax.rem(linear, group), lax.div(linear, group)
+  chunk_index, group_index = lax.rem(linear, num_kv // chunk), lax.div(linear, num_kv // chunk)
+  pair = group_index * group + in_group
+  kv_block = num_kv - 1 - (chunk_index * chunk + in_chunk)
+  return lax.div(pair, kv_heads), lax.rem(pair, kv_heads), kv_block
+
+
 def _fused(
   q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers, reduce, ordered
 ):
@@ -446,16 +485,23 @@ def _fused(
 
   Float additions from different CTAs land in no fixed order, so without ``ordered``
   dQ may differ from run to run in its last bits. With ``ordered`` (deterministic)
-  the key blocks add into each query tile in increasing order: a global semaphore
+  the key blocks add into each query tile in decreasing order: a global semaphore
   per (batch, query head, query tile) counts the adds done, and key block ``j`` adds
-  when it reads ``j - first`` (``dq_contributors``), waits for its add to land, and
-  counts it in; the last key block of a tile takes the count back to zero for the
-  next call. That waiting is done by a writer warp of the producer warpgroup
-  (``plgpu.warp_map``: warp 0 fetches, warp 1 writes dQ), to which the consumers
-  hand their slabs through a double-buffered tile, so they only wait if it falls two
-  tiles behind. Query tiles are visited from the last down, so that with a causal
-  mask every key block starts on a tile that all of them share. Blocks only wait for
-  lower blocks, which the grid launches first.
+  when it reads ``stop - 1 - j`` (``[first, stop)``: the tile's key blocks,
+  ``dq_contributors``), waits for its add to land, and counts it in; the lowest block
+  of a tile takes the count back to zero for the next call. That waiting is done by a
+  writer warp of the producer warpgroup (``plgpu.warp_map``: warp 0 fetches, warp 1
+  writes dQ), to which the consumers hand their slabs through a double-buffered tile,
+  so they only wait if it falls two tiles behind. The key-block grid axis is launched
+  from the last block down, so a block only waits for blocks launched before it.
+  Query tiles are visited upward: with a causal mask block ``j`` starts at its
+  diagonal, which no higher block sees, and reaches each later tile some steps after
+  block ``j + 1`` did, so it need not wait (adding in increasing order instead makes
+  every block wait for the whole chain below it before its first add). The price,
+  with a causal mask: a pair's heaviest CTAs (its lowest key blocks) start last, so
+  SMs idle at the end of the grid (``tuning._ORDERED_MIN_KV`` keeps causal head dim 128
+  on the two-kernel backward). Non-causal, blocks that start together still trail
+  each other by one add; ``_ordered_cta`` shortens those chains.
 
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
   ``reduce=False`` each CTA writes its partial dQ to a slice of its own
@@ -486,6 +532,9 @@ def _fused(
     wg = lax.axis_index("wg")
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_block = lax.axis_index("kv")
+    if ordered:
+      cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal)
+      batch, kv_head, kv_block = _ordered_cta(*cta)
     k0 = kv_block * bk
     lo, _, _, hi = q_range(k0, bk, bq)
     num_q = hi - lo
@@ -502,7 +551,6 @@ def _fused(
         num_q,
         bq,
         stages,
-        descending=ordered,
       )
 
     def write_dq(counts):
@@ -510,11 +558,11 @@ def _fused(
       consumers' slabs of each tile once it is this key block's turn."""
 
       def step(st, carry):
-        g, i = _query_tile(st, lo, num_q, descending=True)
+        g, i = _query_tile(st, lo, num_q)
         buf = lax.rem(st, 2)
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
-        turn, last, more = kv_block - first, kv_block == stop - 1, kv_block < stop - 1
+        turn, last, more = _dq_turn(kv_block, first, stop)
         sem = counts.at[(batch * n + head) * (t // bq) + i]
         plgpu.barrier_wait(dq_full.at[buf])
 
@@ -574,12 +622,9 @@ def _fused(
       slab_q = pl.ds(pl.multiple_of(wg * row_step, ROWS), slab_rows)
       slab_h = pl.ds(pl.multiple_of(wg * col_step, 64), slab_cols)
 
-      def step_of(g, i):  # the producer's step that fetched tile i of head g
-        return g * num_q + hi - 1 - i if ordered else g * num_q + i - lo
-
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
-        slot = lax.rem(step_of(g, i), stages)
+        slot = lax.rem(_step(g, i, lo, num_q), stages)
         buf = lax.rem(visits, 2)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
@@ -619,12 +664,12 @@ def _fused(
         return dk, dv, visits + 1
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(step_of(g, i), stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q), stages))
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask, ordered)
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -737,7 +782,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
 
       def slot_of(g, i):
-        return lax.rem(g * num_q + i - lo, stages)
+        return lax.rem(_step(g, i, lo, num_q), stages)
 
       def skip(g, i, carry):
         _skip_tile((q_bar, do_bar), consumed, slot_of(g, i))
@@ -855,7 +900,9 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
     wg = lax.axis_index("wg")
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_head = lax.div(head, group)
-    q0 = lax.axis_index("q") * bq
+    # The last query tile first: with a causal mask it sees the most key tiles, and
+    # CTAs that start last should be the short ones (as in the forward).
+    q0 = (t // bq - 1 - lax.axis_index("q")) * bq
     lo, _, _, hi = kv_range(q0, bq, bk)
 
     @pl.when(wg == consumers)

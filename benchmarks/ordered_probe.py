@@ -1,0 +1,102 @@
+"""The ordered (deterministic) fused backward's launch orders, and what its waiting costs.
+
+Times forward+backward (TFLOP/s, the protocol's shapes) of ``mosaic`` with the ordered
+fused backward forced at every length (``bench.py``'s ``mosaic-ordered``) under
+launch-order variants, beside the unordered fused backward and cuDNN, one line per
+point as it is measured, then a table:
+
+- ``ord-headwise``: a (batch, kv head) pair's key blocks all launched together
+  (``tuning.ORDERED_CHUNK = 0``);
+- ``ord-chunk8`` / ``ord-chunk4``: chunks of 8 / 4 key blocks beside the same chunk of
+  other pairs, at any key count and causal too (``tuning.ORDERED_CHUNK_MAX_KV`` and
+  ``ORDERED_CHUNK_CAUSAL`` lifted);
+- ``ord-nowait``: headwise with the semaphore waits traced out (a diagnostic: the adds
+  are then in no fixed order; what the writer warp costs without the chain);
+- ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
+
+    python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from unittest import mock
+
+import bench
+import jax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_attention import tuning
+
+VARIANTS = {
+  "ord-headwise": lambda: mock.patch.object(tuning, "ORDERED_CHUNK", 0),
+  "ord-chunk8": lambda: _chunks(8),
+  "ord-chunk4": lambda: _chunks(4),
+  "ord-nowait": lambda: _no_wait(),
+}
+
+
+@contextlib.contextmanager
+def _chunks(size: int):
+  with (
+    mock.patch.object(tuning, "ORDERED_CHUNK", size),
+    mock.patch.object(tuning, "ORDERED_CHUNK_MAX_KV", 1 << 20),
+    mock.patch.object(tuning, "ORDERED_CHUNK_CAUSAL", True),
+  ):
+    yield
+
+
+@contextlib.contextmanager
+def _no_wait():
+  with (
+    mock.patch.object(tuning, "ORDERED_CHUNK", 0),
+    mock.patch.object(plgpu, "semaphore_wait", lambda *args, **kwargs: None),
+  ):
+    yield
+
+
+def measure(name: str, seqlen: int, head_dim: int, causal: bool) -> float | str:
+  if name not in VARIANTS:  # mosaic, mosaic-fused, cudnn, ...
+    return bench.measure(name, seqlen, head_dim, causal, True)
+  args = bench.inputs(seqlen, head_dim)
+  jax.clear_caches()  # jit caches key on the Problem, not on the table
+  try:
+    with bench._ordered_everywhere(), VARIANTS[name]():
+      seconds = bench.time_fn(bench._fn("mosaic", causal, True), args)
+  finally:
+    jax.clear_caches()
+  return bench.flops(seqlen, head_dim, causal, True) / seconds / 1e12
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
+  parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 16384])
+  parser.add_argument("--causal", choices=["no", "yes", "both"], default="no")
+  parser.add_argument(
+    "--impls",
+    nargs="+",
+    default=["ord-headwise", "ord-chunk8", "ord-chunk4", "ord-nowait", "mosaic-fused", "cudnn"],
+    help=f"variants ({', '.join(VARIANTS)}) and bench.py implementations",
+  )
+  opts = parser.parse_args(argv)
+  causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, fwd+bwd TFLOP/s")
+  results = []
+  for head_dim in opts.head_dims:
+    for causal in causals:
+      for seqlen in opts.seqlens:
+        row = {"head_dim": head_dim, "causal": causal, "pass": "fwd+bwd", "seqlen": seqlen}
+        for name in opts.impls:
+          row[name] = measure(name, seqlen, head_dim, causal)
+          label = f"hd={head_dim} {'causal ' if causal else ''}{seqlen} {name}"
+          print(f"{label} = {bench._number(row[name])}", file=sys.stderr, flush=True)
+        results.append(row)
+  print(bench.table(results, opts.impls))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
