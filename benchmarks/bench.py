@@ -78,8 +78,7 @@ def _fn(impl: str, causal: bool, backward: bool):
   else:
     # "mosaic-fused": mosaic with deterministic_backward=False (the fused backward, dQ
     # added in no fixed order). "mosaic-twokernel", "mosaic-ordered", "mosaic-serial",
-    # "mosaic-pipelined":
-    # the default with one table setting changed (see _variant).
+    # "mosaic-pipelined": the default with one table setting changed (see _variant).
     name, _, variant = impl.partition("-")
     deterministic = variant != "fused"
 

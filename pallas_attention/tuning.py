@@ -183,9 +183,9 @@ DETERMINISTIC_FUSED = True
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),
 # for non-causal calls (ORDERED_CHUNK_CAUSAL) with at most ORDERED_CHUNK_MAX_KV key
 # blocks. H200 (results/reversed_3), fwd+bwd TFLOP/s, chunks of 8 against a pair's
-# blocks all together: head dim 128 non-causal 474/461 at 2k, 508/496 at 4k, but 535/539 at 16k;
-# head dim 64 non-causal 418/403 at 4k, 454/462 at 16k; causal 343/349 and 412/427 at
-# 4k and 16k, head dim 128 causal 410 and 459 at 4k and 16k (the two-kernel backward:
+# blocks all together: head dim 128 non-causal 474/461 at 2k, 508/496 at 4k, but
+# 535/539 at 16k; head dim 64 non-causal 418/403 at 4k, 454/462 at 16k; causal 343/349
+# and 412/427 at 4k and 16k, head dim 128 causal 410 and 459 at 4k and 16k (the two-kernel backward:
 # 435, 495); chunks of 4: 460, 494, 526 at head dim 128 non-causal 2k, 4k, 16k.
 ORDERED_CHUNK = 8
 ORDERED_WAVE = 128

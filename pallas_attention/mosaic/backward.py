@@ -144,10 +144,9 @@ def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_row
 def _sweep(ranges, visit, skip, carry, needs_mask: bool):
   """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``."""
   lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
-  loop = lax.fori_loop
   plain = functools.partial(visit, False)
   if not needs_mask:
-    return loop(lo, hi, plain, carry)
+    return lax.fori_loop(lo, hi, plain, carry)
   masked = functools.partial(visit, True)
   runs = [
     (lo, c_lo, skip),
@@ -157,7 +156,7 @@ def _sweep(ranges, visit, skip, carry, needs_mask: bool):
     (c_hi, hi, skip),
   ]
   for start, stop, body in runs:
-    carry = loop(start, stop, body, carry)
+    carry = lax.fori_loop(start, stop, body, carry)
   return carry
 
 
@@ -442,10 +441,13 @@ def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int,
   which is what causal calls and more than ``tuning.ORDERED_CHUNK_MAX_KV`` key
   blocks get (measured: see tuning.ORDERED_CHUNK)."""
   chunk = tuning.ORDERED_CHUNK
-  short = num_kv <= tuning.ORDERED_CHUNK_MAX_KV
-  if (causal and not tuning.ORDERED_CHUNK_CAUSAL) or not short or not chunk:
-    return num_kv, 1
-  if num_kv <= chunk or num_kv % chunk:
+  chunked = (
+    chunk
+    and (tuning.ORDERED_CHUNK_CAUSAL or not causal)
+    and chunk < num_kv <= tuning.ORDERED_CHUNK_MAX_KV
+    and num_kv % chunk == 0
+  )
+  if not chunked:
     return num_kv, 1
   group = max((d for d in range(1, tuning.ORDERED_WAVE // chunk + 1) if pairs % d == 0), default=1)
   return chunk, group
