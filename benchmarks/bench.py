@@ -70,6 +70,9 @@ class Progress:
 
 def _fn(impl: str, causal: bool, backward: bool):
   """A jitted function of (q, k, v, do) for one implementation and pass."""
+  if impl == "cudnn-det":  # cuDNN with XLA's deterministic ops: its ordered backward
+    jitted = _fn("cudnn", causal, backward)
+    return _compiled(jitted, {"xla_gpu_deterministic_ops": True})
   if impl in ("cudnn", "xla-dense"):
     name = "cudnn" if impl == "cudnn" else "xla"
 
@@ -95,6 +98,18 @@ def _fn(impl: str, causal: bool, backward: bool):
     return out, vjp(do)
 
   return jax.jit(fwd_bwd)
+
+
+def _compiled(jitted, options):
+  """``jitted``, compiled on its first call with these XLA options."""
+  cache = {}
+
+  def call(*args):
+    if "exe" not in cache:
+      cache["exe"] = jitted.lower(*args).compile(compiler_options=options)
+    return cache["exe"](*args)
+
+  return call
 
 
 def time_fn(fn, args, rounds: int = 5, round_seconds: float = 0.1) -> float:
@@ -206,7 +221,8 @@ def main(argv=None) -> int:
     "(mosaic with deterministic_backward=False), mosaic-twokernel (the deterministic "
     "backward as two kernels), mosaic-ordered (the ordered fused backward at every "
     "length, causal or not), and mosaic-serial / mosaic-pipelined (every forward with "
-    "that consumer loop)",
+    "that consumer loop); cudnn-det: cuDNN with xla_gpu_deterministic_ops (its "
+    "backward then adds dQ in a fixed order; by default it does not)",
   )
   parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--out", help="write bench.json, bench.md and bench.png into this folder")
