@@ -12,14 +12,6 @@ point as it is measured, then a table:
   ``ORDERED_CHUNK_CAUSAL`` lifted);
 - ``ord-nowait``: headwise with the semaphore waits traced out (a diagnostic: the adds
   are then in no fixed order; what the writer warp costs without the chain);
-- ``ord-rise1`` / ``ord-rise4`` / ``ord-rise16``: causal calls' order (adds from the
-  first key block up, tiles from the last down, blocks launched from the first up)
-  with 1 / 4 / 16 pairs in turn (``tuning.ORDERED_RISING_GROUP``); ``ord-fall``: causal
-  calls with the non-causal order (adds from the last block down, headwise);
-- ``ilv-fused`` / ``ilv-twokernel``: the unordered fused / the two-kernel backward
-  with causal pairs' CTAs launched heaviest first, about 264 CTAs of several pairs
-  taking turns (``tuning.CAUSAL_GROUP_CTAS = 264``), against ``mosaic-fused`` /
-  ``mosaic-twokernel`` (pair after pair);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -43,45 +35,7 @@ VARIANTS = {
   "ord-chunk8": lambda: _chunks(8),
   "ord-chunk4": lambda: _chunks(4),
   "ord-nowait": lambda: _no_wait(),
-  "ord-rise1": lambda: _rising(1),
-  "ord-rise4": lambda: _rising(4),
-  "ord-rise16": lambda: _rising(16),
-  "ord-fall": lambda: _falling(),
 }
-
-
-# Variants of another implementation than the ordered kernel: (patch, implementation).
-OTHERS = {
-  "ilv-fused": (lambda: mock.patch.object(tuning, "CAUSAL_GROUP_CTAS", 264), "mosaic-fused"),
-  "ilv-twokernel": (lambda: _ilv_twokernel(), "mosaic"),
-}
-
-
-@contextlib.contextmanager
-def _ilv_twokernel():
-  with (
-    mock.patch.object(tuning, "CAUSAL_GROUP_CTAS", 264),
-    mock.patch.object(tuning, "DETERMINISTIC_FUSED", False),
-  ):
-    yield
-
-
-@contextlib.contextmanager
-def _rising(group: int):
-  with (
-    mock.patch.object(tuning, "ORDERED_RISING_CAUSAL", True),
-    mock.patch.object(tuning, "ORDERED_RISING_GROUP", group),
-  ):
-    yield
-
-
-@contextlib.contextmanager
-def _falling():
-  with (
-    mock.patch.object(tuning, "ORDERED_CHUNK", 0),
-    mock.patch.object(tuning, "ORDERED_RISING_CAUSAL", False),
-  ):
-    yield
 
 
 @contextlib.contextmanager
@@ -103,24 +57,14 @@ def _no_wait():
     yield
 
 
-@contextlib.contextmanager
-def _ordered(name: str):
-  with bench._ordered_everywhere(), VARIANTS[name]():
-    yield
-
-
 def measure(name: str, seqlen: int, head_dim: int, causal: bool) -> float | str:
-  if name not in VARIANTS and name not in OTHERS:  # mosaic, mosaic-fused, cudnn, ...
+  if name not in VARIANTS:  # mosaic, mosaic-fused, cudnn, ...
     return bench.measure(name, seqlen, head_dim, causal, True)
   args = bench.inputs(seqlen, head_dim)
-  if name in OTHERS:
-    patch, impl = OTHERS[name]
-  else:
-    patch, impl = lambda: _ordered(name), "mosaic"
   jax.clear_caches()  # jit caches key on the Problem, not on the table
   try:
-    with patch():
-      seconds = bench.time_fn(bench._fn(impl, causal, True), args)
+    with bench._ordered_everywhere(), VARIANTS[name]():
+      seconds = bench.time_fn(bench._fn("mosaic", causal, True), args)
   finally:
     jax.clear_caches()
   return bench.flops(seqlen, head_dim, causal, True) / seconds / 1e12
@@ -135,7 +79,7 @@ def main(argv=None) -> int:
     "--impls",
     nargs="+",
     default=["ord-headwise", "ord-chunk8", "ord-chunk4", "ord-nowait", "mosaic-fused", "cudnn"],
-    help=f"variants ({', '.join([*VARIANTS, *OTHERS])}) and bench.py implementations",
+    help=f"variants ({', '.join(VARIANTS)}) and bench.py implementations",
   )
   opts = parser.parse_args(argv)
   causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]

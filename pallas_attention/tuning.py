@@ -191,22 +191,6 @@ ORDERED_CHUNK = 8
 ORDERED_WAVE = 128
 ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
-# Off (measured slower): causal calls with dQ added in increasing key-block order,
-# query tiles visited from the last down, each pair's key blocks launched from the first
-# (heaviest) up, one block of each of ORDERED_RISING_GROUP pairs in turn
-# (mosaic/backward.py::_ordered_cta). H200, fwd+bwd TFLOP/s, head dim 128 causal, groups
-# of 1/4/16 against the two-kernel backward: 325/357/365 v 394 (2k), 389/419/423 v 436
-# (4k), 439/463/460 v 470 (8k), 491/497/492 v 500 (16k); head dim 64 causal, groups of
-# 4/16 against the falling order: 326/347 v 349 (4k), 400/398 v 428 (16k).
-ORDERED_RISING_CAUSAL = False
-ORDERED_RISING_GROUP = 4
-# Off (measured no faster): causal calls of the order-free backward kernels (dK/dV, dQ,
-# the unordered fused one) launching each pair's CTAs heaviest first, about
-# CAUSAL_GROUP_CTAS CTAs of several pairs taking turns (_heavy_first). H100, fwd+bwd,
-# head dim 128 causal 2k/4k/8k/16k, on against off: two-kernel 399/436/471/504 v
-# 400/434/465/512, unordered fused 402/428/475/531 v 407/443/480/526; head dim 64
-# unordered fused 289 v 331 (2k), 358 v 389 (4k).
-CAUSAL_GROUP_CTAS = 0
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never).
 _ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): None}

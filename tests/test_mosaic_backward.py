@@ -141,9 +141,7 @@ _ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="two consumers: GPU (lowere
 @pytest.mark.parametrize("deterministic", [True, False], ids=["ordered", "unordered"])
 def test_backward_fused(b, t, s, n, kv_heads, h, spec, lengths, blocks, deterministic, rng):
   """Ordered: key blocks launched from the last down and, on the GPU, dQ added in
-  decreasing key-block order under global semaphores (causal: launched and added from
-  the first block up, query tiles visited from the last down); unordered: adds in any
-  order."""
+  decreasing key-block order under global semaphores; unordered: adds in any order."""
   q_len, kv_len = lengths or (None, None)
   kw = dict(deterministic=deterministic)
   _check(rng, b, t, s, n, kv_heads, h, spec, q_len, kv_len, blocks, **kw)
@@ -161,62 +159,6 @@ def test_backward_fused_ordered_in_chunks(rng, monkeypatch):
   # jit caches key on shapes, not on the table: no other test uses these shapes, so
   # this call traces with the patched chunk.
   _check(rng, 2, 128, 256, 4, 2, 64, masks.MaskSpec(), None, 230, FUSED_ONE)
-
-
-def test_backward_fused_ordered_rising(rng, monkeypatch):
-  """Causal calls: dQ added from the first key block up, query tiles visited from the
-  last down, and a pair's blocks launched from the first up beside two other pairs'
-  (three pairs in groups of two: the last group holds one)."""
-  monkeypatch.setattr(tuning, "ORDERED_RISING_CAUSAL", True)
-  monkeypatch.setattr(tuning, "ORDERED_RISING_GROUP", 2)
-  # Shapes no other test uses: this call traces with the patched group.
-  _check(rng, 3, 192, 192, 2, 1, 64, masks.MaskSpec(True), None, 170, FUSED_ONE)
-
-
-@pytest.mark.parametrize(
-  "b,kv_heads,num_kv,group",
-  [(1, 16, 128, 4), (8, 16, 16, 4), (3, 5, 24, 4), (1, 3, 5, 2), (2, 1, 7, 16), (1, 1, 9, 1)],
-)
-def test_ordered_launch_order_rising(b, kv_heads, num_kv, group, monkeypatch):
-  """Causal calls' ordered grid (``_rising``): one CTA per (batch, kv head, key block),
-  each pair's key blocks launched from the first up (a block waits only for lower
-  blocks), ``group`` pairs in turn (consecutive CTAs belong to different pairs)."""
-  monkeypatch.setattr(tuning, "ORDERED_RISING_CAUSAL", True)
-  monkeypatch.setattr(tuning, "ORDERED_RISING_GROUP", group)
-  grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
-  axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]  # ravel: launch order
-  cta = mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv, causal=True)
-  batch, head, block = (np.asarray(x) for x in cta)
-  seen = sorted(zip(batch.tolist(), head.tolist(), block.tolist(), strict=True))
-  assert seen == sorted(np.ndindex(b, kv_heads, num_kv))  # each CTA once
-  pair = batch * kv_heads + head
-  for p in range(b * kv_heads):
-    assert np.array_equal(block[pair == p], np.arange(num_kv)), p
-  pairs = b * kv_heads
-  size = min(group, pairs)
-  first = pair[: size * num_kv]  # the first group: its pairs in turn
-  assert np.array_equal(first, np.tile(np.arange(size), num_kv))
-
-
-@pytest.mark.parametrize(
-  "pairs,per_pair,target",
-  [(16, 128, 264), (128, 16, 264), (7, 5, 12), (3, 100, 264), (5, 4, 0), (1, 9, 264)],
-)
-def test_heavy_first_launch_order(pairs, per_pair, target, monkeypatch):
-  """Causal order-free kernels (``_heavy_first``): every (pair, index) once, each pair's
-  CTAs from index 0 (the heaviest) up, and ceil(target / per_pair) pairs taking turns;
-  not causal, or target 0: pair after pair."""
-  monkeypatch.setattr(tuning, "CAUSAL_GROUP_CTAS", target)
-  linear = jnp.arange(pairs * per_pair, dtype=jnp.int32)
-  for causal in (False, True):
-    pair, index = (np.asarray(x) for x in mosaic_bwd._heavy_first(linear, pairs, per_pair, causal))
-    seen = sorted(zip(pair.tolist(), index.tolist(), strict=True))
-    assert seen == sorted(np.ndindex(pairs, per_pair))
-    for p in range(pairs):
-      assert np.array_equal(index[pair == p], np.arange(per_pair)), p
-    group = min(pairs, -(-target // per_pair)) if causal and target else 1
-    expected = np.tile(np.arange(group), per_pair)  # the first group: its pairs in turn
-    assert np.array_equal(pair[: group * per_pair], expected)
 
 
 @pytest.mark.parametrize(
@@ -282,27 +224,24 @@ def test_dq_contributors_are_the_blocks_that_see_each_tile(spec, t, s, q_len, kv
     if blocks.size:
       assert (first[i], count[i]) == (blocks[0], blocks.size), i
       assert np.array_equal(blocks, np.arange(blocks[0], blocks[-1] + 1)), i
-      for rising in (False, True):
-        stop = int(first[i] + count[i])
-        _check_dq_turns([int(j) for j in blocks], int(first[i]), stop, rising)
+      _check_dq_turns([int(j) for j in blocks], int(first[i]), int(first[i] + count[i]))
     else:
       assert count[i] == 0, i
 
 
-def _check_dq_turns(blocks, first, stop, rising):
+def _check_dq_turns(blocks, first, stop):
   """The ordered kernel's semaphore protocol (``_dq_turn``) for one tile, simulated: the
-  blocks add one at a time from the highest down (from the lowest up with ``rising``),
-  each when the count reads its turn, and the count is back at zero after the last add
-  (the next call starts from zero)."""
-  turns = {j: mosaic_bwd._dq_turn(j, first, stop, rising) for j in blocks}
+  blocks add one at a time from the highest down, each when the count reads its turn,
+  and the count is back at zero after the last add (the next call starts from zero)."""
+  turns = {j: mosaic_bwd._dq_turn(j, first, stop) for j in blocks}
   order = sorted(blocks, key=lambda j: turns[j][0])
-  assert order == sorted(blocks, reverse=not rising)
+  assert order == sorted(blocks, reverse=True)
   assert [turns[j][0] for j in order] == list(range(len(blocks)))
   count = 0
   for j in order:
     turn, last, more = turns[j]
     assert count == turn  # the wait (count >= turn) passes now and not before
-    assert last == (j == order[-1]) and more == (not last)
+    assert last == (j == blocks[0]) and more == (not last)
     if last:
       count -= turn  # the lowest block's wait takes the count back down
     if more:

@@ -141,19 +141,12 @@ def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_row
   return lo, c_lo, f_lo, f_hi, c_hi, hi
 
 
-def _sweep(ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
-  """Visit tiles ``[lo, hi)`` in order (from ``hi - 1`` down with ``descending``):
-  ``visit(masked, tile, carry)`` or ``skip``."""
+def _sweep(ranges, visit, skip, carry, needs_mask: bool):
+  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``."""
   lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
-
-  def loop(start, stop, body, carry):
-    if not descending:
-      return lax.fori_loop(start, stop, body, carry)
-    return lax.fori_loop(start, stop, lambda k, c: body(start + stop - 1 - k, c), carry)
-
   plain = functools.partial(visit, False)
   if not needs_mask:
-    return loop(lo, hi, plain, carry)
+    return lax.fori_loop(lo, hi, plain, carry)
   masked = functools.partial(visit, True)
   runs = [
     (lo, c_lo, skip),
@@ -162,18 +155,18 @@ def _sweep(ranges, visit, skip, carry, needs_mask: bool, descending: bool = Fals
     (f_hi, c_hi, masked),
     (c_hi, hi, skip),
   ]
-  for start, stop, body in runs[::-1] if descending else runs:
-    carry = loop(start, stop, body, carry)
+  for start, stop, body in runs:
+    carry = lax.fori_loop(start, stop, body, carry)
   return carry
 
 
-def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
+def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool):
   """``_sweep`` for each query head ``g`` of a GQA group, in order:
   ``visit(g, masked, i, carry)`` or ``skip(g, i, carry)`` per query tile ``i``."""
 
   def per_head(g, carry):
     visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-    return _sweep(ranges, visit_g, skip_g, carry, needs_mask, descending)
+    return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
 
   return lax.fori_loop(0, group, per_head, carry)
 
@@ -231,30 +224,22 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
-def _query_tile(step, lo, num_q, descending=False):
+def _query_tile(step, lo, num_q):
   """The (GQA head ``g``, query tile ``i``) of a dK/dV kernel's step: the heads in
-  turn, each over tiles ``[lo, lo + num_q)`` in order (from the last down with
-  ``descending``). The producer fetches in this order, and the fused kernel's dQ
-  writer adds in it. ``_step`` is the inverse."""
+  turn, each over tiles ``[lo, lo + num_q)`` in order. The producer fetches in this
+  order, and the fused kernel's dQ writer adds in it. ``_step`` is the inverse."""
   g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
-  if descending:
-    return g, lo + num_q - 1 - (step - g * num_q)
   return g, lo + step - g * num_q
 
 
-def _step(g, i, lo, num_q, descending=False):
+def _step(g, i, lo, num_q):
   """The step at which a dK/dV kernel visits query tile ``i`` of GQA head ``g``."""
-  if descending:
-    return g * num_q + lo + num_q - 1 - i
   return g * num_q + i - lo
 
 
-def _produce_query_tiles(
-  refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, descending=False
-):
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages):
   """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
-  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step, the
-  tiles of each head from the last down with ``descending``.
+  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step.
 
   Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
   """
@@ -263,7 +248,7 @@ def _produce_query_tiles(
   q_bar, do_bar, consumed = bars
 
   def fetch(step, slot):
-    g, i = _query_tile(step, lo, num_q, descending)
+    g, i = _query_tile(step, lo, num_q)
     q0 = i * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
@@ -306,17 +291,6 @@ def _call(body, out_type, scratch, grid, grid_names, consumers):
   )
 
 
-def _kv_cta(b, kv_heads, num_kv, causal):
-  """(batch, kv head, key block) of a CTA of an order-free dK/dV kernel's grid
-  ``(b, kv_heads, num_kv)``; causal: heaviest first (``_heavy_first``)."""
-  batch, head, kv = (lax.axis_index(name) for name in ("batch", "heads", "kv"))
-  if not causal or not tuning.CAUSAL_GROUP_CTAS:
-    return batch, head, kv
-  linear = (batch * kv_heads + head) * num_kv + kv
-  pair, kv_block = _heavy_first(linear, b * kv_heads, num_kv, causal)
-  return lax.div(pair, kv_heads), lax.rem(pair, kv_heads), kv_block
-
-
 def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1:3]
@@ -332,8 +306,8 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *p_smem = scratch[:-4]
     kv_bar, q_bar, do_bar, consumed = scratch[-4:]
     wg = lax.axis_index("wg")
-    batch, kv_head, kv_block = _kv_cta(b, kv_heads, s // bk, spec.causal)
-    k0 = kv_block * bk
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    k0 = lax.axis_index("kv") * bk
     lo, _, _, hi = q_range(k0, bk, bq)
     num_q = hi - lo
 
@@ -452,46 +426,12 @@ def fused_slab(bq: int, h: int, consumers: int):
   return None
 
 
-def _dq_turn(kv_block, first, stop, rising=False):
+def _dq_turn(kv_block, first, stop):
   """The ordered fused kernel's place for key block ``kv_block`` among the blocks
   ``[first, stop)`` that add into a query tile: ``(turn, last, more)``. It adds once
-  ``turn`` adds are in (the blocks above it add first; the blocks below it with
-  ``rising``); ``last``: the block that adds last (the lowest; the highest with
-  ``rising``) and takes the count back to zero; ``more``: others follow (signal them)."""
-  if rising:
-    return kv_block - first, kv_block == stop - 1, kv_block < stop - 1
+  ``turn`` adds are in (the blocks above it add first); ``last``: the lowest block, which
+  adds last and takes the count back to zero; ``more``: others follow (signal them)."""
   return stop - 1 - kv_block, kv_block == first, kv_block > first
-
-
-def _rising(causal: bool) -> bool:
-  """Whether the ordered fused kernel adds dQ in increasing key-block order (and
-  visits query tiles from the last down, and launches a pair's key blocks from the
-  first up): causal calls, so that a pair's heaviest CTAs start first
-  (``tuning.ORDERED_RISING_CAUSAL``)."""
-  return causal and tuning.ORDERED_RISING_CAUSAL
-
-
-def _interleaved(linear, pairs: int, per_pair: int, group: int):
-  """``(pair, index)`` of the CTA launched ``linear``-th when ``group`` pairs take
-  turns: index 0 of each pair of the first group, then index 1 of each, ..., then the
-  next group (the last group may hold fewer pairs)."""
-  group = max(1, min(group, pairs))
-  group_index, in_group = lax.div(linear, group * per_pair), lax.rem(linear, group * per_pair)
-  size = jnp.minimum(group, pairs - group_index * group)  # pairs in this group
-  return group_index * group + lax.rem(in_group, size), lax.div(in_group, size)
-
-
-def _heavy_first(linear, pairs: int, per_pair: int, causal: bool):
-  """``(pair, index)`` of an order-free causal kernel's CTA (dK/dV, dQ, the unordered
-  fused kernel): index 0 is a pair's heaviest CTA. Pairs take turns in groups of about
-  ``tuning.CAUSAL_GROUP_CTAS`` CTAs, so the grid ends on the light CTAs of several pairs
-  rather than on the heavy ones of the last pair, while a pair's CTAs still start
-  close together (they share its tiles in L2). Not causal (or the setting 0): the
-  pairs one after the other."""
-  target = tuning.CAUSAL_GROUP_CTAS
-  if not causal or not target:
-    return lax.div(linear, per_pair), lax.rem(linear, per_pair)
-  return _interleaved(linear, pairs, per_pair, -(-target // per_pair))
 
 
 def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int, int]:
@@ -523,18 +463,9 @@ def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=Fal
   are a tile ahead, and the blocks that start together wait longest (a chain of
   adds), so chunks keep that chain short, while the pairs of a group share their
   Q, dO and dQ tiles in L2 across chunks.
-
-  With ``_rising(causal)`` the blocks add from the first up, so each pair's blocks are
-  launched from the first (the heaviest, with a causal mask) up, one block of each of
-  ``tuning.ORDERED_RISING_GROUP`` pairs in turn (the last group may be smaller): a
-  pair's consecutive blocks start some CTAs apart, the later one a little behind
-  the earlier one and so not waiting on it, and the grid ends on light blocks.
   """
-  linear = (batch_axis * kv_heads + head_axis) * num_kv + kv_axis  # launch order
-  if _rising(causal):
-    pair, kv_block = _interleaved(linear, b * kv_heads, num_kv, tuning.ORDERED_RISING_GROUP)
-    return lax.div(pair, kv_heads), lax.rem(pair, kv_heads), kv_block
   chunk, group = _ordered_chunks(b * kv_heads, num_kv, causal)
+  linear = (batch_axis * kv_heads + head_axis) * num_kv + kv_axis  # launch order
   in_chunk, linear = lax.rem(linear, chunk), lax.div(linear, chunk)
   in_group, linear = lax.rem(linear, group), lax.div(linear, group)
   chunk_index, group_index = lax.rem(linear, num_kv // chunk), lax.div(linear, num_kv // chunk)
@@ -565,18 +496,14 @@ def _fused(
   writes dQ), to which the consumers hand their slabs through a double-buffered tile,
   so they only wait if it falls two tiles behind. The key-block grid axis is launched
   from the last block down, so a block only waits for blocks launched before it.
-  Query tiles are visited upward. Blocks that start together trail each other by one
-  add (a chain); ``_ordered_cta`` shortens those chains.
-
-  Causal calls (``_rising``) run the mirror image: block ``j`` adds after the blocks
-  below it (``turn = j - first``; the highest block resets the counter), visits its
-  tiles from the last down (every block of a pair starts on the last tile and meets
-  the blocks below it in the same order, behind them), and the grid launches a
-  pair's blocks from the first up, interleaved with other pairs so that a pair's
-  consecutive blocks do not start together. So the heaviest CTAs (the lowest key
-  blocks, which see the most query tiles) start first and the grid ends on light
-  ones. (Upward visits with decreasing adds avoid the chain as well, but then a
-  pair's heaviest CTAs must start last and SMs idle at the end of the grid.)
+  Query tiles are visited upward: with a causal mask block ``j`` starts at its
+  diagonal, which no higher block sees, and reaches each later tile some steps after
+  block ``j + 1`` did, so it need not wait (adding in increasing order instead makes
+  every block wait for the whole chain below it before its first add). The price,
+  with a causal mask: a pair's heaviest CTAs (its lowest key blocks) start last, so
+  SMs idle at the end of the grid (``tuning._ORDERED_MIN_KV`` keeps causal head dim 128
+  on the two-kernel backward). Non-causal, blocks that start together still trail
+  each other by one add; ``_ordered_cta`` shortens those chains.
 
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
   ``reduce=False`` each CTA writes its partial dQ to a slice of its own
@@ -595,7 +522,6 @@ def _fused(
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
   static = (scale, spec, q_len, kv_len)
   semaphores = ordered and reduce
-  rising = ordered and _rising(spec.causal)  # and tiles visited from the last down
   if semaphores:
     dq_contributors(spec, q_len, kv_len, t, s, bq, bk)
 
@@ -606,11 +532,11 @@ def _fused(
     p_smem = scratch[8:-6]
     kv_bar, q_bar, do_bar, consumed, ds_ready, done = scratch[-6:]
     wg = lax.axis_index("wg")
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    kv_block = lax.axis_index("kv")
     if ordered:
-      axes = (lax.axis_index(name) for name in ("batch", "heads", "kv"))
-      batch, kv_head, kv_block = _ordered_cta(*axes, b, kv_heads, s // bk, spec.causal)
-    else:
-      batch, kv_head, kv_block = _kv_cta(b, kv_heads, s // bk, spec.causal)
+      cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal)
+      batch, kv_head, kv_block = _ordered_cta(*cta)
     k0 = kv_block * bk
     lo, _, _, hi = q_range(k0, bk, bq)
     num_q = hi - lo
@@ -627,7 +553,6 @@ def _fused(
         num_q,
         bq,
         stages,
-        rising,
       )
 
     def write_dq(counts):
@@ -635,11 +560,11 @@ def _fused(
       consumers' slabs of each tile once it is this key block's turn."""
 
       def step(st, carry):
-        g, i = _query_tile(st, lo, num_q, rising)
+        g, i = _query_tile(st, lo, num_q)
         buf = lax.rem(st, 2)
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
-        turn, last, more = _dq_turn(kv_block, first, stop, rising)
+        turn, last, more = _dq_turn(kv_block, first, stop)
         sem = counts.at[(batch * n + head) * (t // bq) + i]
         plgpu.barrier_wait(dq_full.at[buf])
 
@@ -701,7 +626,7 @@ def _fused(
 
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
-        slot = lax.rem(_step(g, i, lo, num_q, rising), stages)
+        slot = lax.rem(_step(g, i, lo, num_q), stages)
         buf = lax.rem(visits, 2)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
@@ -741,12 +666,12 @@ def _fused(
         return dk, dv, visits + 1
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q, rising), stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q), stages))
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask, rising)
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -821,8 +746,8 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, pt_smem, *ds_smem = scratch[:-7]
     kv_bar, q_bar, do_bar, consumed, p_ready, p_free, done = scratch[-7:]
     wg = lax.axis_index("wg")
-    batch, kv_head, kv_block = _kv_cta(b, kv_heads, s // ROWS, spec.causal)
-    k0 = kv_block * ROWS
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    k0 = lax.axis_index("kv") * ROWS
     lo, _, _, hi = q_range(k0, ROWS, bq)
     num_q = hi - lo
     rows = (batch, pl.ds(k0, ROWS), kv_head)
@@ -975,14 +900,11 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
     q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, *ds_smem = scratch[:-4]
     own_bar, k_bar, v_bar, consumed = scratch[-4:]
     wg = lax.axis_index("wg")
-    batch, head, index = (lax.axis_index(name) for name in ("batch", "heads", "q"))
-    if spec.causal and tuning.CAUSAL_GROUP_CTAS:  # heaviest first, pairs taking turns
-      pair, index = _heavy_first((batch * n + head) * (t // bq) + index, b * n, t // bq, True)
-      batch, head = lax.div(pair, n), lax.rem(pair, n)
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_head = lax.div(head, group)
     # The last query tile first: with a causal mask it sees the most key tiles, and
     # CTAs that start last should be the short ones (as in the forward).
-    q0 = (t // bq - 1 - index) * bq
+    q0 = (t // bq - 1 - lax.axis_index("q")) * bq
     lo, _, _, hi = kv_range(q0, bq, bk)
 
     @pl.when(wg == consumers)
