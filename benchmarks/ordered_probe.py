@@ -12,10 +12,6 @@ point as it is measured, then a table:
   ``ORDERED_CHUNK_CAUSAL`` lifted);
 - ``ord-nowait``: headwise with the semaphore waits traced out (a diagnostic: the adds
   are then in no fixed order; what the writer warp costs without the chain);
-- ``desc-fused`` / ``desc-twokernel``: the unordered fused / the two-kernel backward
-  with causal key blocks visiting their query tiles from the last down
-  (``tuning.BWD_CAUSAL_DESCENDING = True``), against ``mosaic-fused`` /
-  ``mosaic-twokernel`` (upward);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -25,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import sys
 from unittest import mock
 
@@ -41,28 +36,6 @@ VARIANTS = {
   "ord-chunk4": lambda: _chunks(4),
   "ord-nowait": lambda: _no_wait(),
 }
-
-
-# Variants of other backward kernels than the ordered one: (patch, implementation).
-OTHERS = {
-  "desc-fused": (lambda: _descending(), "mosaic-fused"),
-  "desc-twokernel": (lambda: _descending(twokernel=True), "mosaic"),
-}
-
-
-@contextlib.contextmanager
-def _descending(twokernel: bool = False):
-  with (
-    mock.patch.object(tuning, "BWD_CAUSAL_DESCENDING", True),
-    mock.patch.object(tuning, "DETERMINISTIC_FUSED", not twokernel),
-  ):
-    yield
-
-
-@contextlib.contextmanager
-def _ordered(name: str):
-  with bench._ordered_everywhere(), VARIANTS[name]():
-    yield
 
 
 @contextlib.contextmanager
@@ -85,17 +58,13 @@ def _no_wait():
 
 
 def measure(name: str, seqlen: int, head_dim: int, causal: bool) -> float | str:
-  if name not in VARIANTS and name not in OTHERS:  # mosaic, mosaic-fused, cudnn, ...
+  if name not in VARIANTS:  # mosaic, mosaic-fused, cudnn, ...
     return bench.measure(name, seqlen, head_dim, causal, True)
   args = bench.inputs(seqlen, head_dim)
-  if name in OTHERS:
-    patch, impl = OTHERS[name]
-  else:
-    patch, impl = functools.partial(_ordered, name), "mosaic"
   jax.clear_caches()  # jit caches key on the Problem, not on the table
   try:
-    with patch():
-      seconds = bench.time_fn(bench._fn(impl, causal, True), args)
+    with bench._ordered_everywhere(), VARIANTS[name]():
+      seconds = bench.time_fn(bench._fn("mosaic", causal, True), args)
   finally:
     jax.clear_caches()
   return bench.flops(seqlen, head_dim, causal, True) / seconds / 1e12
@@ -110,7 +79,7 @@ def main(argv=None) -> int:
     "--impls",
     nargs="+",
     default=["ord-headwise", "ord-chunk8", "ord-chunk4", "ord-nowait", "mosaic-fused", "cudnn"],
-    help=f"variants ({', '.join([*VARIANTS, *OTHERS])}) and bench.py implementations",
+    help=f"variants ({', '.join(VARIANTS)}) and bench.py implementations",
   )
   opts = parser.parse_args(argv)
   causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]

@@ -191,13 +191,6 @@ ORDERED_CHUNK = 8
 ORDERED_WAVE = 128
 ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
-# Off (measured no faster): causal calls' dK/dV kernel and unordered fused kernel
-# visiting each key block's query tiles from the last down (mosaic/backward.py::
-# _descending), so a head's blocks stream the same tiles side by side. H100, fwd+bwd
-# TFLOP/s at 2k/4k/8k/16k, on against off: head dim 128 two-kernel 396/435/468/512 v
-# 402/435/473/515, unordered fused 402/440/488/536 v 382/439/480/528; head dim 64
-# unordered fused 378/460 v 391/469 (4k/16k), two-kernel 343/402 v 342/400.
-BWD_CAUSAL_DESCENDING = False
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never).
 _ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): None}

@@ -141,19 +141,12 @@ def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_row
   return lo, c_lo, f_lo, f_hi, c_hi, hi
 
 
-def _sweep(ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
-  """Visit tiles ``[lo, hi)`` in order (from ``hi - 1`` down with ``descending``):
-  ``visit(masked, tile, carry)`` or ``skip``."""
+def _sweep(ranges, visit, skip, carry, needs_mask: bool):
+  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``."""
   lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
-
-  def loop(start, stop, body, carry):
-    if not descending:
-      return lax.fori_loop(start, stop, body, carry)
-    return lax.fori_loop(start, stop, lambda k, c: body(start + stop - 1 - k, c), carry)
-
   plain = functools.partial(visit, False)
   if not needs_mask:
-    return loop(lo, hi, plain, carry)
+    return lax.fori_loop(lo, hi, plain, carry)
   masked = functools.partial(visit, True)
   runs = [
     (lo, c_lo, skip),
@@ -162,18 +155,18 @@ def _sweep(ranges, visit, skip, carry, needs_mask: bool, descending: bool = Fals
     (f_hi, c_hi, masked),
     (c_hi, hi, skip),
   ]
-  for start, stop, body in runs[::-1] if descending else runs:
-    carry = loop(start, stop, body, carry)
+  for start, stop, body in runs:
+    carry = lax.fori_loop(start, stop, body, carry)
   return carry
 
 
-def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool, descending: bool = False):
+def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool):
   """``_sweep`` for each query head ``g`` of a GQA group, in order:
   ``visit(g, masked, i, carry)`` or ``skip(g, i, carry)`` per query tile ``i``."""
 
   def per_head(g, carry):
     visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-    return _sweep(ranges, visit_g, skip_g, carry, needs_mask, descending)
+    return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
 
   return lax.fori_loop(0, group, per_head, carry)
 
@@ -231,30 +224,22 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
-def _query_tile(step, lo, num_q, descending=False):
+def _query_tile(step, lo, num_q):
   """The (GQA head ``g``, query tile ``i``) of a dK/dV kernel's step: the heads in
-  turn, each over tiles ``[lo, lo + num_q)`` in order (from the last down with
-  ``descending``). The producer fetches in this order, and the fused kernel's dQ
-  writer adds in it. ``_step`` is the inverse."""
+  turn, each over tiles ``[lo, lo + num_q)`` in order. The producer fetches in this
+  order, and the fused kernel's dQ writer adds in it. ``_step`` is the inverse."""
   g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
-  if descending:
-    return g, lo + num_q - 1 - (step - g * num_q)
   return g, lo + step - g * num_q
 
 
-def _step(g, i, lo, num_q, descending=False):
+def _step(g, i, lo, num_q):
   """The step at which a dK/dV kernel visits query tile ``i`` of GQA head ``g``."""
-  if descending:
-    return g * num_q + lo + num_q - 1 - i
   return g * num_q + i - lo
 
 
-def _produce_query_tiles(
-  refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, descending=False
-):
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages):
   """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
-  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step, the
-  tiles of each head from the last down with ``descending``.
+  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step.
 
   Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
   """
@@ -263,7 +248,7 @@ def _produce_query_tiles(
   q_bar, do_bar, consumed = bars
 
   def fetch(step, slot):
-    g, i = _query_tile(step, lo, num_q, descending)
+    g, i = _query_tile(step, lo, num_q)
     q0 = i * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
@@ -306,15 +291,6 @@ def _call(body, out_type, scratch, grid, grid_names, consumers):
   )
 
 
-def _descending(spec: masks.MaskSpec, ordered: bool) -> bool:
-  """Whether a dK/dV kernel (``_dkv``, ``_fused``) visits its query tiles from the last
-  down: causal calls (``tuning.BWD_CAUSAL_DESCENDING``), so that a head's key blocks,
-  which start at their diagonals, all begin on its last query tile and stream the same
-  tiles side by side (sharing them in L2), as non-causal ones do. Not the ordered fused
-  kernel: its dQ adds rely on upward visits."""
-  return spec.causal and not ordered and tuning.BWD_CAUSAL_DESCENDING
-
-
 def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1:3]
@@ -325,7 +301,6 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   static = (scale, spec, q_len, kv_len)
-  descending = _descending(spec, ordered=False)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, *p_smem = scratch[:-4]
@@ -351,7 +326,6 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
         num_q,
         bq,
         stages,
-        descending,
       )
 
     @pl.when(wg < consumers)
@@ -369,7 +343,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
 
       def visit(g, masked, i, carry):
         dk, dv = carry
-        slot = lax.rem(_step(g, i, lo, num_q, descending), stages)
+        slot = lax.rem(_step(g, i, lo, num_q), stages)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
         with jax.named_scope("b_dk"):
@@ -378,12 +352,11 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
         return dk, dv
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q, descending), stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q), stages))
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
-      carry = (zeros, zeros)
-      dk, dv = _sweep_group(group, ranges, visit, skip, carry, needs_mask, descending)
+      dk, dv = _sweep_group(group, ranges, visit, skip, (zeros, zeros), needs_mask)
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
       v_wg[...] = dv.astype(v_wg.dtype)
       plgpu.commit_smem()
@@ -549,7 +522,6 @@ def _fused(
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
   static = (scale, spec, q_len, kv_len)
   semaphores = ordered and reduce
-  descending = _descending(spec, ordered)
   if semaphores:
     dq_contributors(spec, q_len, kv_len, t, s, bq, bk)
 
@@ -581,7 +553,6 @@ def _fused(
         num_q,
         bq,
         stages,
-        descending,
       )
 
     def write_dq(counts):
@@ -655,7 +626,7 @@ def _fused(
 
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
-        slot = lax.rem(_step(g, i, lo, num_q, descending), stages)
+        slot = lax.rem(_step(g, i, lo, num_q), stages)
         buf = lax.rem(visits, 2)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
@@ -695,12 +666,12 @@ def _fused(
         return dk, dv, visits + 1
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q, descending), stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q), stages))
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask, descending)
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
