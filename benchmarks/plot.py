@@ -20,11 +20,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"cudnn": "k--", "xla-dense": "k:", "mosaic": "C0-", "triton": "C1-", "xla": "C2-"}
+STYLE = {
+  "cudnn": "k--",
+  "cudnn-det": "k-.",
+  "xla-dense": "k:",
+  "mosaic": "C0-",
+  "mosaic-fused": "C0:",
+  "triton": "C1-",
+  "xla": "C2-",
+}
 
 
-def _style(impl: str) -> str:
-  return STYLE.get(impl, "-")
+def _style(impl: str, index: int = 0) -> str:
+  """One line style per implementation, the same in every panel (others: by position)."""
+  return STYLE.get(impl, f"C{3 + index % 7}-")
 
 
 def throughput(record: dict, path: str) -> None:
@@ -41,11 +50,11 @@ def throughput(record: dict, path: str) -> None:
       panel = [
         r for r in rows if (r["head_dim"], r["causal"], r["pass"]) == (head_dim, causal, pass_)
       ]
-      for impl in record["impls"]:
+      for index, impl in enumerate(record["impls"]):
         points = [(r["seqlen"], r[impl]) for r in panel if isinstance(r.get(impl), float)]
         if points:
           xs, ys = zip(*sorted(points), strict=True)
-          ax.plot(xs, ys, _style(impl), marker="o", markersize=3, label=impl)
+          ax.plot(xs, ys, _style(impl, index), marker="o", markersize=3, label=impl)
       ax.set_xscale("log", base=2)
       ax.set_title(
         f"head_dim {head_dim}, {'causal' if causal else 'non-causal'}, {pass_}", fontsize=9
@@ -54,7 +63,11 @@ def throughput(record: dict, path: str) -> None:
       ax.set_ylabel("TFLOP/s")
       ax.set_ylim(bottom=0)
       ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
+  legend = {}  # every implementation, from whichever panels it appears in
+  for ax in axes.flat:
+    for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+      legend.setdefault(label, handle)
+  axes[0][0].legend(legend.values(), legend.keys(), fontsize=8)
   fig.suptitle(f"{record['device']}, jax {record['jax']}, bf16 ({record.get('date', '')})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

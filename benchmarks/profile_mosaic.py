@@ -7,6 +7,7 @@ mean per key/query-tile step (k-cycles), which is how RESULTS.md's profiles were
 
     python benchmarks/profile_mosaic.py time          # forward at several (B, T), with cuDNN
     python benchmarks/profile_mosaic.py fwd dkv       # profiles (head_dim 128, 2k and 4k)
+    python benchmarks/profile_mosaic.py dkv dkv-causal   # the dK/dV kernel, causal or not
 """
 
 from __future__ import annotations
@@ -103,10 +104,12 @@ def profile_forward(b, t, h=128):
   summarize(trace, steps, 3)
 
 
-def profile_dkv(t, h=128):
+def profile_dkv(t, h=128, causal=False):
+  """The dK/dV kernel's regions per query tile; causal: averaged over the CTAs' tiles
+  (key block j visits T / bq - j · bk / bq of them), so the two can be compared."""
   q, k, v, do = inputs(t, h)
-  blocks = tuning.mosaic_blocks(h, False, t)
-  spec = masks.MaskSpec()
+  blocks = tuning.mosaic_blocks(h, causal, t)
+  spec = masks.MaskSpec(causal)
   out, lse2 = fwd.forward(q, k, v, scale=h**-0.5, spec=spec, q_len=t, kv_len=t)
   delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
   args = (q, k, v, do, lse2, delta)
@@ -114,10 +117,14 @@ def profile_dkv(t, h=128):
   fn = jax.jit(lambda *a: bwd._dkv(*a, *common))
   steps = t // blocks.dkv_q
   trace = _profiled(fn, args, 6 * steps + 16)
-  print(f"## dK/dV T={t} H={h} {blocks}, k-cycles per query tile")
-  summarize(trace, steps, blocks.dkv_kv // bwd.ROWS + 1)
+  mean_steps = steps
+  if causal:
+    per_block = [steps - j * blocks.dkv_kv // blocks.dkv_q for j in range(t // blocks.dkv_kv)]
+    mean_steps = statistics.mean(per_block)
+  print(f"## dK/dV T={t} H={h} causal={causal} {blocks}, k-cycles per query tile")
+  summarize(trace, mean_steps, blocks.dkv_kv // bwd.ROWS + 1)
   seconds = time_fn(jax.jit(lambda *a: bwd._dkv(*a, *common)), args)
-  print(f"  {4 * flops(t, h, False, False) / 2 / seconds / 1e12:.0f} TFLOP/s of its 4 products")
+  print(f"  {4 * flops(t, h, causal, False) / 2 / seconds / 1e12:.0f} TFLOP/s of its 4 products")
 
 
 if __name__ == "__main__":
@@ -130,3 +137,5 @@ if __name__ == "__main__":
       profile_forward(4, 4096)
     elif what == "dkv":
       profile_dkv(4096)
+    elif what == "dkv-causal":
+      profile_dkv(4096, causal=True)
