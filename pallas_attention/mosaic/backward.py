@@ -121,8 +121,13 @@ def _broadcast(x, shape, dim):
   return lax.broadcast_in_dim(x, shape, [dim])
 
 
-def _iota(shape, dim):
-  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+def _positions(shape, dim, start):
+  """``start`` + the index along ``dim`` of a 2-D WGMMA-layout tile, broadcast from a
+  vector (a thread holds one value per row or column it owns) instead of a full iota
+  tile, so a masked tile needs few registers for its row and column numbers."""
+  layout = plgpu.Layout.WGMMA.reduce(1 - dim)
+  vec = plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=layout)
+  return _broadcast(vec + start, shape, dim)
 
 
 def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_rows=ROWS):
@@ -193,7 +198,7 @@ def _dkv_tile(slot, rings, bars, k_wg, v_wg, dv, a_smem, masked, r0, i, static):
   lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
   pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
   if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-    keys, queries = _iota(st.shape, 0) + r0, _iota(st.shape, 1) + i * bq
+    keys, queries = _positions(st.shape, 0, r0), _positions(st.shape, 1, i * bq)
     pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
   with jax.named_scope("b_dowait"):
     plgpu.barrier_wait(do_bar.at[slot])
@@ -803,7 +808,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
           lse = plgpu.load(lse_ring.at[slot], (), layout=vec_layout)
           pt = jnp.exp2(st - _broadcast(lse, st.shape, 1))
           if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-            keys, queries = _iota(st.shape, 0) + k0, _iota(st.shape, 1) + i * bq
+            keys, queries = _positions(st.shape, 0, k0), _positions(st.shape, 1, i * bq)
             pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
           plgpu.barrier_wait(p_free.at[0])
           pt_smem[...] = pt.astype(dtype)
@@ -942,7 +947,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
         sc = _matmul(q_wg, k_tile.transpose((1, 0)), (ROWS, bk)) * (scale * tiles.LOG2E)
         p = jnp.exp2(sc - _broadcast(lse, sc.shape, 0))
         if masked:
-          queries, keys = _iota(sc.shape, 0) + r0, _iota(sc.shape, 1) + i * bk
+          queries, keys = _positions(sc.shape, 0, r0), _positions(sc.shape, 1, i * bk)
           p = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), p, 0.0)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _matmul(do_wg, v_ring.at[slot].transpose((1, 0)), (ROWS, bk))
