@@ -102,6 +102,20 @@ def summarize(text: str) -> list[str]:
   return kernels
 
 
+def compile_and_time(run, args, work: float) -> tuple[float, str]:
+  """Compile ``run`` on ``args`` (what native code prints meanwhile: the ptxas reports,
+  when MOSAIC_GPU_DUMP_PTXAS was set before jax compiled anything), then time it:
+  ``(TFLOP/s for `work` FLOPs, the printed text)``. Clears jax's caches after, so the
+  next case compiles (and reports) afresh."""
+  import jax
+
+  with _captured_fds() as dump:
+    jax.block_until_ready(run(*args))
+  tflops = work / time_fn(run, args) / 1e12
+  jax.clear_caches()
+  return tflops, dump.getvalue()
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
@@ -167,15 +181,11 @@ def main() -> int:
         )
   lines = []
   for tag, run, args, work in cases:
-    with _captured_fds() as dump:
-      jax.block_until_ready(run(*args))
-    text = dump.getvalue()
+    tflops, text = compile_and_time(run, args, work)
     with open(os.path.join(opts.out, f"{tag}.txt"), "w") as f:
       f.write(text)
-    tflops = work / time_fn(run, args) / 1e12
     lines.append(f"{tag}: {tflops:.0f} TFLOP/s | " + " ; ".join(summarize(text)))
     print(lines[-1], flush=True)
-    jax.clear_caches()
   with open(os.path.join(opts.out, "report.txt"), "w") as f:
     f.write("\n".join(lines) + "\n")
   return 0

@@ -27,8 +27,8 @@ os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"  # before jax compiles anything
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from bench import flops, inputs, time_fn  # noqa: E402
-from compile_report import _captured_fds, summarize  # noqa: E402
+from bench import flops, inputs  # noqa: E402
+from compile_report import compile_and_time, summarize  # noqa: E402
 
 from pallas_attention import masks, tuning  # noqa: E402
 from pallas_attention.mosaic import backward as bwd  # noqa: E402
@@ -62,15 +62,10 @@ def main(argv=None) -> int:
           deterministic=det,
         )
       )
-      args = (q, k, v, do, lse2, delta)
-      with _captured_fds() as dump:
-        jax.block_until_ready(run(*args))
       work = flops(t, h, causal, True) / 3.5 * 2.5
-      tflops = work / time_fn(run, args) / 1e12
+      tflops, text = compile_and_time(run, (q, k, v, do, lse2, delta), work)
       name = "ordered" if deterministic else "unordered"
-      print(f"| {label} | {name} | {tflops:.0f} | {' ; '.join(summarize(dump.getvalue()))} |")
-      sys.stdout.flush()
-      jax.clear_caches()
+      print(f"| {label} | {name} | {tflops:.0f} | {' ; '.join(summarize(text))} |", flush=True)
   return 0
 
 

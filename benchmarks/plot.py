@@ -31,7 +31,7 @@ STYLE = {
 }
 
 
-def _style(impl: str, index: int = 0) -> str:
+def _style(impl: str, index: int) -> str:
   """One line style per implementation, the same in every panel (others: by position)."""
   return STYLE.get(impl, f"C{3 + index % 7}-")
 
@@ -77,11 +77,11 @@ def throughput(record: dict, path: str) -> None:
 def memory(record: dict, path: str) -> None:
   rows = record["results"]
   fig, ax = plt.subplots(figsize=(6, 4))
-  for impl in record["impls"]:
+  for index, impl in enumerate(record["impls"]):
     points = [(r["seqlen"], r[impl] / 2**30) for r in rows if isinstance(r.get(impl), (int, float))]
     if points:
       xs, ys = zip(*sorted(points), strict=True)
-      ax.plot(xs, ys, _style(impl), marker="o", label=impl)
+      ax.plot(xs, ys, _style(impl, index), marker="o", label=impl)
     failed = [r["seqlen"] for r in rows if isinstance(r.get(impl), str)]
     if failed:
       ax.axvline(min(failed), color="r", alpha=0.3)
