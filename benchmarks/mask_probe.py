@@ -10,10 +10,16 @@ one length, and prints ptxas' registers and spills for each, on three masks:
   the masked-tile loops are compiled in and only the last key block's tiles are masked;
 - ``causal``.
 
-``ordered``: the deterministic fused kernel; ``unordered``: deterministic_backward=False.
+``ordered``: the deterministic fused kernel; ``unordered``: deterministic_backward=False;
+``two-kernel``: the dK/dV and dQ kernels (the default for causal head_dim 128); its
+ptxas entry lists the two kernels.
 TFLOP/s count the backward's 2.5 × 4·B·T·S·N·H FLOPs (halved when causal).
 
     python benchmarks/mask_probe.py --head-dim 128 --seqlen 16384
+    python benchmarks/mask_probe.py --masks full padded --backwards unordered --dump /tmp/d
+
+``--dump DIR`` keeps each case's ptxas report with its PTX and SASS (for reading where
+the spills sit) in ``DIR/<mask>_<backward>.txt``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"  # before jax compiles anything
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from bench import flops, inputs  # noqa: E402
-from compile_report import compile_and_time, summarize  # noqa: E402
+from compile_report import _nvdisasm_root, compile_and_time, summarize  # noqa: E402
 
 from pallas_attention import masks, tuning  # noqa: E402
 from pallas_attention.mosaic import backward as bwd  # noqa: E402
@@ -38,7 +44,21 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--seqlen", type=int, default=16384)
+  parser.add_argument("--masks", nargs="+", default=["full", "padded", "causal"])
+  parser.add_argument("--backwards", nargs="+", default=["ordered", "unordered", "two-kernel"])
+  parser.add_argument("--dump", help="keep each case's ptxas report, PTX and SASS here")
   opts = parser.parse_args(argv)
+  if opts.dump:
+    from jax.experimental.mosaic import gpu as _  # noqa: F401 -- sets MOSAIC_GPU_CUDA_ROOT
+
+    os.makedirs(opts.dump, exist_ok=True)
+    os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
+    root = _nvdisasm_root()
+    if root is None:
+      print("no nvdisasm found: no SASS", file=sys.stderr)
+    else:
+      os.environ["MOSAIC_GPU_CUDA_ROOT"] = root
+      os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
   h, t = opts.head_dim, opts.seqlen
   q, k, v, do = inputs(t, h)
   b, _, n, _ = q.shape
@@ -46,9 +66,17 @@ def main(argv=None) -> int:
   delta = jnp.full((b, n, t), 0.01, jnp.float32)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, head_dim {h}, seqlen {t}")
   print("| mask | backward | TFLOP/s | ptxas (per kernel) |\n|---|---|---|---|")
-  for label, causal, kv_len in (("full", False, t), ("padded", False, t - 1), ("causal", True, t)):
-    blocks = dataclasses.replace(tuning.mosaic_blocks(h, causal, t), **tuning._MOSAIC_FUSED[h])
-    for deterministic in (True, False):
+  cases = (("full", False, t), ("padded", False, t - 1), ("causal", True, t))
+  for label, causal, kv_len in (case for case in cases if case[0] in opts.masks):
+    fused = dataclasses.replace(tuning.mosaic_blocks(h, causal, t), **tuning._MOSAIC_FUSED[h])
+    two = dataclasses.replace(tuning.mosaic_blocks(h, causal, t), bwd_fused=False)
+    for name, blocks, deterministic in (
+      ("ordered", fused, True),
+      ("unordered", fused, False),
+      ("two-kernel", two, True),
+    ):
+      if name not in opts.backwards:
+        continue
       run = jax.jit(
         lambda *a, causal=causal, kv_len=kv_len, blocks=blocks, det=deterministic: bwd.kernels(
           *a,
@@ -64,8 +92,10 @@ def main(argv=None) -> int:
       )
       work = flops(t, h, causal, True) / 3.5 * 2.5
       tflops, text = compile_and_time(run, (q, k, v, do, lse2, delta), work)
-      name = "ordered" if deterministic else "unordered"
       print(f"| {label} | {name} | {tflops:.0f} | {' ; '.join(summarize(text))} |", flush=True)
+      if opts.dump:
+        with open(os.path.join(opts.dump, f"{label}_{name}.txt"), "w") as f:
+          f.write(text)
   return 0
 
 

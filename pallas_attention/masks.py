@@ -92,6 +92,27 @@ def visible(rows, cols, spec: MaskSpec, q_len, kv_len):
   return keep
 
 
+def edge_runs(spec: MaskSpec, q_len: int, kv_len: int, t: int, s: int, over_queries: bool):
+  """Which runs of partly visible tiles a sweep along one axis can meet: ``(lead, trail)``.
+
+  A kernel that visits the tiles of one axis in increasing order (``over_queries``:
+  the query tiles of a key block, as q_block_range gives them; else the key tiles of
+  a query block, kv_block_range) meets tiles that need the element-wise mask before
+  the fully visible ones (``lead``) only where the lower end of the visible interval
+  moves with the block's lines, and after them (``trail``) only where the upper end
+  does or lines past ``q_len`` / ``kv_len`` (of ``t`` / ``s``) exist. Kernels compile
+  a masked loop only for a run that can occur. Static: no array is looked at.
+  """
+  padded = q_len < t or kv_len < s
+  if over_queries:  # a key column's rows: [row_lo, row_hi) of row_bounds
+    lead = spec.causal or spec.window_right is not None
+    trail = spec.window_left is not None or padded
+  else:  # a query row's columns: [col_lo, col_hi) of col_bounds
+    lead = spec.window_left is not None
+    trail = spec.causal or spec.window_right is not None or padded
+  return lead, trail
+
+
 def element_mask(rows, cols, spec: MaskSpec, q_len, kv_len):
   """Boolean ``[len(rows), len(cols)]``: True where row ``i`` may attend to column ``j``."""
   return visible(rows[:, None], cols[None, :], spec, q_len, kv_len)

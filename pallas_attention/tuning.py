@@ -174,7 +174,12 @@ _FUSED_MIN_CAUSAL_KV = 4096
 # H200 (results/reversed_2), fwd+bwd TFLOP/s, ordered against two-kernel, causal: head
 # dim 64 350/343 at 4k, 434/391 at 16k; head dim 128 362/393 at 2k, 424/435 at 4k,
 # 469/469 at 8k, 483/494 at 16k (the unordered fused kernel, heaviest CTAs first:
-# 391/442/482/521), so causal head dim 128 keeps the two-kernel backward. Non-causal
+# 391/442/482/521), so causal head dim 128 kept the two-kernel backward. Sixth session:
+# the fused kernels visit masked and unmasked tiles in one loop (mosaic/backward.py::
+# _sweep), which ended their register spills under a causal mask; H100
+# (results/s6_oneloop_h100/gpu_check.md), fwd+bwd TFLOP/s, ordered against two-kernel,
+# causal head dim 128: 377/405 at 2k, 433/435 at 4k, 478/456 at 8k, 515/503 at 16k, so
+# causal head dim 128 takes the ordered kernel from 8k. Non-causal
 # head dim 128 it is unchanged (466/502/539/547 at 2k-16k; before: 504 at 4k, 546 at
 # 16k, results/reversed_1/old.md). DETERMINISTIC_FUSED = False turns it off.
 DETERMINISTIC_FUSED = True
@@ -193,7 +198,7 @@ ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never).
-_ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): None}
+_ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): 8192}
 
 
 def has_fused_backward(head_dim: int) -> bool:

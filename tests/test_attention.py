@@ -111,7 +111,8 @@ def _inputs(case: Case, rng):
 
 
 # Cases the mosaic kernels run in the CPU interpreter (each takes seconds there);
-# on the GPU every case runs for mosaic.
+# on the GPU every case runs for mosaic. Not bf16_causal: mosaic runs float32 inputs in
+# bfloat16, so on CPU it would repeat "causal" at a larger shape.
 MOSAIC_ON_CPU = {
   "plain",
   "causal",
@@ -121,7 +122,6 @@ MOSAIC_ON_CPU = {
   "head_dim_40",
   "window",
   "empty_rows_window",
-  "bf16_causal",
   "f16_gqa",
   "lengths",
   "bias_full",

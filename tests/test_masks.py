@@ -117,3 +117,36 @@ def test_window_skips_far_tiles():
   ]
   assert max(counts) <= 2
   assert list(itertools.islice(counts, 1)) == [1]
+
+
+@pytest.mark.parametrize("over_queries", [True, False], ids=["over_queries", "over_keys"])
+@pytest.mark.parametrize(
+  "spec,q_len,kv_len",
+  [
+    (masks.MaskSpec(), 256, 256),
+    (masks.MaskSpec(), 200, 256),
+    (masks.MaskSpec(), 256, 130),
+    (masks.MaskSpec(True), 256, 256),
+    (masks.MaskSpec(True), 256, 200),
+    (masks.MaskSpec(False, 40, None), 256, 256),
+    (masks.MaskSpec(False, None, 17), 256, 256),
+    (masks.MaskSpec(True, 40, None), 256, 256),
+    (masks.MaskSpec(False, 150, -100), 256, 256),  # a band off the diagonal (ring.py)
+    (masks.MaskSpec(False, -70, 200), 256, 256),
+  ],
+)
+def test_edge_runs_cover_every_partly_visible_tile(spec, q_len, kv_len, over_queries):
+  """Where edge_runs says a run of partly visible tiles cannot occur, the block ranges
+  have none there, for every block and every tile size the kernels use."""
+  t = s = 256
+  lead, trail = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries)
+  for own, other in itertools.product((64, 128, 256), (64, 128)):
+    starts = jnp.arange(0, s if over_queries else t, own)
+    if over_queries:
+      lo, full_lo, full_hi, hi = masks.q_block_range(starts, own, other, spec, q_len, kv_len)
+    else:
+      lo, full_lo, full_hi, hi = masks.kv_block_range(starts, own, other, spec, q_len, kv_len)
+    if not lead:
+      np.testing.assert_array_equal(full_lo, lo)
+    if not trail:
+      np.testing.assert_array_equal(full_hi, hi)

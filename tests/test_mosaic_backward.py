@@ -80,13 +80,16 @@ def _check(rng, b, t, s, n, kv_heads, h, spec, q_len=None, kv_len=None, blocks=N
     (1, 256, 256, 2, 1, 64, masks.MaskSpec(True), None, None),
     (1, 128, 192, 4, 2, 64, masks.MaskSpec(True), None, None),  # GQA, S > T
     (1, 192, 256, 2, 1, 64, masks.MaskSpec(False, 40, 17), None, None),
+    # A left window only: edge tiles after the full ones over queries, before them over
+    # keys (causal has them the other way round); the other runs are not compiled.
+    (1, 192, 256, 2, 1, 64, masks.MaskSpec(False, 40, None), None, None),
     # Padding: query tile 3 and key tiles 2, 3 see nothing (empty CTAs).
     (1, 256, 256, 2, 1, 64, masks.MaskSpec(True), (150, 100), None),
     (1, 128, 128, 2, 1, 128, masks.MaskSpec(True), None, None),
     (1, 256, 256, 4, 2, 64, masks.MaskSpec(True), (200, 230), WIDE),
     (1, 256, 256, 2, 1, 64, masks.MaskSpec(False, 40, 17), None, TALL),
   ],
-  ids=["plain", "causal", "gqa", "window", "lengths", "h128", "wide", "tall"],
+  ids=["plain", "causal", "gqa", "window", "window_left", "lengths", "h128", "wide", "tall"],
 )
 def test_backward_matches_reference(b, t, s, n, kv_heads, h, spec, lengths, blocks, rng):
   q_len, kv_len = lengths or (None, None)

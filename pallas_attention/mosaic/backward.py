@@ -70,11 +70,6 @@ def check(q, k, blocks: tuning.MosaicBlocks) -> None:
     raise ValueError(f"mosaic backward: T={t}, S={s} must be multiples of the blocks {blocks}")
 
 
-def _needs_mask(spec: masks.MaskSpec, q_len: int, kv_len: int, t: int, s: int) -> bool:
-  windowed = spec.window_left is not None or spec.window_right is not None
-  return spec.causal or windowed or q_len < t or kv_len < s
-
-
 def _matmul(a, b, shape):
   """``a @ b`` of shared-memory operands as a float32 register tile (WGMMA layout)."""
 
@@ -146,32 +141,46 @@ def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_row
   return lo, c_lo, f_lo, f_hi, c_hi, hi
 
 
-def _sweep(ranges, visit, skip, carry, needs_mask: bool):
-  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``."""
+def _sweep(ranges, visit, skip, carry, edges):
+  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``.
+
+  One loop visits every tile the rows may see; ``masked`` is a traced bool, true on
+  the tiles outside ``[f_lo, f_hi)`` (``_masked`` applies the mask on those only), or
+  False where ``edges`` (``masks.edge_runs``) says no tile needs the mask. A second
+  loop for the masked tiles would keep its own copies of the loop-invariant wgmma
+  descriptors live through the unmasked one: ptxas ran out of registers and spilled
+  them in the unmasked loop (benchmarks/RESULTS.md, sixth session).
+  """
   lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
-  plain = functools.partial(visit, False)
-  if not needs_mask:
-    return lax.fori_loop(lo, hi, plain, carry)
-  masked = functools.partial(visit, True)
-  runs = [
-    (lo, c_lo, skip),
-    (c_lo, f_lo, masked),
-    (f_lo, f_hi, plain),
-    (f_hi, c_hi, masked),
-    (c_hi, hi, skip),
-  ]
-  for start, stop, body in runs:
-    carry = lax.fori_loop(start, stop, body, carry)
-  return carry
+  if not any(edges):
+    return lax.fori_loop(lo, hi, functools.partial(visit, False), carry)
+  lead, trail = edges
+
+  def seen(i, carry):
+    before, after = i < f_lo, i >= f_hi
+    masked = (before | after) if lead and trail else (before if lead else after)
+    return visit(masked, i, carry)
+
+  carry = lax.fori_loop(lo, c_lo, skip, carry)
+  carry = lax.fori_loop(c_lo, c_hi, seen, carry)
+  return lax.fori_loop(c_hi, hi, skip, carry)
 
 
-def _sweep_group(group, ranges, visit, skip, carry, needs_mask: bool):
+def _masked(masked, tile, mask):
+  """``mask(tile)`` where ``masked`` (a traced bool: under ``lax.cond``, so the mask
+  is computed on edge tiles only), ``tile`` where it is False (static: no mask)."""
+  if masked is False:
+    return tile
+  return lax.cond(masked, mask, lambda tile: tile, tile)
+
+
+def _sweep_group(group, ranges, visit, skip, carry, edges):
   """``_sweep`` for each query head ``g`` of a GQA group, in order:
   ``visit(g, masked, i, carry)`` or ``skip(g, i, carry)`` per query tile ``i``."""
 
   def per_head(g, carry):
     visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-    return _sweep(ranges, visit_g, skip_g, carry, needs_mask)
+    return _sweep(ranges, visit_g, skip_g, carry, edges)
 
   return lax.fori_loop(0, group, per_head, carry)
 
@@ -197,9 +206,12 @@ def _dkv_tile(slot, rings, bars, k_wg, v_wg, dv, a_smem, masked, r0, i, static):
     st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq))
   lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
   pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
-  if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-    keys, queries = _positions(st.shape, 0, r0), _positions(st.shape, 1, i * bq)
-    pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+
+  def mask(pt):  # sᵀ: dim 0 are keys, dim 1 queries
+    keys, queries = _positions(pt.shape, 0, r0), _positions(pt.shape, 1, i * bq)
+    return jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+
+  pt = _masked(masked, pt, mask)
   with jax.named_scope("b_dowait"):
     plgpu.barrier_wait(do_bar.at[slot])
   dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
@@ -303,7 +315,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   bq, bk, stages = blocks.dkv_q, blocks.dkv_kv, blocks.bwd_stages
   consumers = bk // ROWS
   dtype = q.dtype
-  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  edges = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries=True)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   static = (scale, spec, q_len, kv_len)
 
@@ -361,7 +373,7 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
-      dk, dv = _sweep_group(group, ranges, visit, skip, (zeros, zeros), needs_mask)
+      dk, dv = _sweep_group(group, ranges, visit, skip, (zeros, zeros), edges)
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
       v_wg[...] = dv.astype(v_wg.dtype)
       plgpu.commit_smem()
@@ -507,7 +519,7 @@ def _fused(
   every block wait for the whole chain below it before its first add). The price,
   with a causal mask: a pair's heaviest CTAs (its lowest key blocks) start last, so
   SMs idle at the end of the grid (``tuning._ORDERED_MIN_KV`` keeps causal head dim 128
-  on the two-kernel backward). Non-causal, blocks that start together still trail
+  shorter than 8k on the two-kernel backward). Non-causal, blocks that start together still trail
   each other by one add; ``_ordered_cta`` shortens those chains.
 
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
@@ -521,7 +533,7 @@ def _fused(
   bq, bk, stages = blocks.dkv_q, blocks.dkv_kv, blocks.bwd_stages
   consumers = bk // ROWS
   dtype = q.dtype
-  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  edges = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries=True)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   kv_range = functools.partial(masks.kv_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
@@ -676,7 +688,7 @@ def _fused(
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, needs_mask)
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, edges)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -743,7 +755,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
   group = n // kv_heads
   bq, stages = blocks.dkv_q, blocks.bwd_stages
   dtype = q.dtype
-  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  edges = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries=True)
   q_range = functools.partial(masks.q_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   consumers = 2
 
@@ -796,7 +808,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
         return carry
 
       def sweep(visit, carry):
-        return _sweep_group(group, ranges, visit, skip, carry, needs_mask)
+        return _sweep_group(group, ranges, visit, skip, carry, edges)
 
       @pl.when(wg == 0)
       def _values():
@@ -807,9 +819,12 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
           st = st * (scale * tiles.LOG2E)
           lse = plgpu.load(lse_ring.at[slot], (), layout=vec_layout)
           pt = jnp.exp2(st - _broadcast(lse, st.shape, 1))
-          if masked:  # sᵀ: dim 0 are keys, dim 1 queries
-            keys, queries = _positions(st.shape, 0, k0), _positions(st.shape, 1, i * bq)
-            pt = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+
+          def mask(pt):  # sᵀ: dim 0 are keys, dim 1 queries
+            keys, queries = _positions(pt.shape, 0, k0), _positions(pt.shape, 1, i * bq)
+            return jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
+
+          pt = _masked(masked, pt, mask)
           plgpu.barrier_wait(p_free.at[0])
           pt_smem[...] = pt.astype(dtype)
           plgpu.commit_smem()
@@ -898,7 +913,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
   bq, bk, stages = blocks.dq_q, blocks.dq_kv, blocks.bwd_stages
   consumers = bq // ROWS
   dtype = q.dtype
-  needs_mask = _needs_mask(spec, q_len, kv_len, t, s)
+  edges = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries=False)
   kv_range = functools.partial(masks.kv_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *scratch):
@@ -946,9 +961,12 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
         k_tile = k_ring.at[slot]
         sc = _matmul(q_wg, k_tile.transpose((1, 0)), (ROWS, bk)) * (scale * tiles.LOG2E)
         p = jnp.exp2(sc - _broadcast(lse, sc.shape, 0))
-        if masked:
-          queries, keys = _positions(sc.shape, 0, r0), _positions(sc.shape, 1, i * bk)
-          p = jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), p, 0.0)
+
+        def mask(p):
+          queries, keys = _positions(p.shape, 0, r0), _positions(p.shape, 1, i * bk)
+          return jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), p, 0.0)
+
+        p = _masked(masked, p, mask)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _matmul(do_wg, v_ring.at[slot].transpose((1, 0)), (ROWS, bk))
         ds = p * (dp - _broadcast(delta, dp.shape, 0))
@@ -961,7 +979,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
         return dq
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
-      dq = _sweep(ranges, visit, skip, zeros, needs_mask)
+      dq = _sweep(ranges, visit, skip, zeros, edges)
       q_wg[...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_wg, dq_ref.at[rows])

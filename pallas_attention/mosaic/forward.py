@@ -130,6 +130,9 @@ def forward(
   if p_in_registers is None:
     p_in_registers = not interpret
   log2_scale = scale * tiles.LOG2E
+  # Masked loops are compiled only for the runs of partly visible key tiles that the
+  # mask can produce (before or after the fully visible ones); non-causal: one loop.
+  lead, trail = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries=False)
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch):
     qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free, turn = scratch[:10]
@@ -279,9 +282,12 @@ def forward(
         pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[0]))
         pl.when(wg == 1)(take_turn)
         carry = (m, denom, acc)
-        carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
-        carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
-        carry = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+        if lead:
+          carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
+        plain = (full_lo if lead else lo, full_hi if trail else hi)
+        carry = lax.fori_loop(*plain, lambda j, c: step(j, c, False), carry)
+        if trail:
+          carry = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
         pl.when(wg == 0)(take_turn)
         return carry
 
@@ -373,21 +379,27 @@ def forward(
         my_turn()
         sc = pl.run_scoped(first_scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[0])
-        first_masked = (full_lo > lo) | (full_hi == lo)
-        m, _, p16, denom = lax.cond(
-          first_masked,
-          lambda sc, m, d: softmax(sc, lo, m, d, True),
-          lambda sc, m, d: softmax(sc, lo, m, d, False),
-          sc,
-          m,
-          denom,
-        )
+        if lead or trail:
+          first_masked = (full_lo > lo) | (full_hi == lo)
+          m, _, p16, denom = lax.cond(
+            first_masked,
+            lambda sc, m, d: softmax(sc, lo, m, d, True),
+            lambda sc, m, d: softmax(sc, lo, m, d, False),
+            sc,
+            m,
+            denom,
+          )
+        else:
+          m, _, p16, denom = softmax(sc, lo, m, denom, False)
         carry = (m, denom, acc, p16)
-        plain_lo = jnp.clip(full_lo, lo + 1, hi)
-        plain_hi = jnp.clip(full_hi, plain_lo, hi)
-        carry = lax.fori_loop(lo + 1, plain_lo, lambda n, c: overlapped(n, c, True), carry)
+        plain_lo = jnp.clip(full_lo, lo + 1, hi) if lead else lo + 1
+        plain_hi = jnp.clip(full_hi, plain_lo, hi) if trail else hi
+        if lead:
+          carry = lax.fori_loop(lo + 1, plain_lo, lambda n, c: overlapped(n, c, True), carry)
         carry = lax.fori_loop(plain_lo, plain_hi, lambda n, c: overlapped(n, c, False), carry)
-        m, denom, acc, p16 = lax.fori_loop(plain_hi, hi, lambda n, c: overlapped(n, c, True), carry)
+        if trail:
+          carry = lax.fori_loop(plain_hi, hi, lambda n, c: overlapped(n, c, True), carry)
+        m, denom, acc, p16 = carry
         # The last tile's P·V product.
         last = slot_of(hi - 1)
         plgpu.barrier_wait(v_bars.at[last])
