@@ -1,25 +1,28 @@
 """Does the masked-tile code cost the fused backward where almost nothing is masked?
 
-A diagnostic for the causal backward's loss (benchmarks/RESULTS.md, fifth session): the
-causal fused kernels spill registers that the non-causal ones do not. This times the
-backward kernels alone (``mosaic.backward.kernels``; bf16, the protocol's shapes) at
-one length, and prints ptxas' registers and spills for each, on three masks:
+A diagnostic for the causal backward's loss (benchmarks/RESULTS.md, fifth and sixth
+sessions): the causal fused kernels spilled registers that the non-causal ones did not,
+until masked and unmasked tiles shared one loop. This times the backward kernels alone
+(``mosaic.backward.kernels``; bf16, the protocol's shapes) at one length, and prints
+ptxas' registers and spills for each, on three masks:
 
-- ``full``: no mask, one loop over the query tiles;
+- ``full``: no mask, no mask code compiled;
 - ``padded``: no causal mask, but one key fewer than the array holds (kv_len = S - 1):
-  the masked-tile loops are compiled in and only the last key block's tiles are masked;
+  the mask code is compiled in and only the last key block's tiles are masked;
 - ``causal``.
 
 ``ordered``: the deterministic fused kernel; ``unordered``: deterministic_backward=False;
-``two-kernel``: the dK/dV and dQ kernels (the default for causal head_dim 128); its
-ptxas entry lists the two kernels.
+``two-kernel``: the dK/dV and dQ kernels (the default for causal head_dim 128 below 8k);
+its ptxas entry lists the two kernels.
 TFLOP/s count the backward's 2.5 × 4·B·T·S·N·H FLOPs (halved when causal).
 
     python benchmarks/mask_probe.py --head-dim 128 --seqlen 16384
     python benchmarks/mask_probe.py --masks full padded --backwards unordered --dump /tmp/d
 
-``--dump DIR`` keeps each case's ptxas report with its PTX and SASS (for reading where
-the spills sit) in ``DIR/<mask>_<backward>.txt``.
+``--dump DIR`` keeps each case's ptxas report with its PTX (and SASS, where an nvdisasm
+is found: the device's CUDA packages had none, so the sixth session compiled the PTX
+with a local ptxas and read it with PyPI's nvidia-cuda-nvdisasm) in
+``DIR/<mask>_<backward>.txt``, for reading where the spills sit.
 """
 
 from __future__ import annotations
