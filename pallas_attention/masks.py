@@ -100,8 +100,9 @@ def edge_runs(spec: MaskSpec, q_len: int, kv_len: int, t: int, s: int, over_quer
   a query block, kv_block_range) meets tiles that need the element-wise mask before
   the fully visible ones (``lead``) only where the lower end of the visible interval
   moves with the block's lines, and after them (``trail``) only where the upper end
-  does or lines past ``q_len`` / ``kv_len`` (of ``t`` / ``s``) exist. Kernels compile
-  a masked loop only for a run that can occur. Static: no array is looked at.
+  does or lines past ``q_len`` / ``kv_len`` (of ``t`` / ``s``) exist. The Mosaic GPU
+  kernels leave out what a run that cannot occur would need (the forward's masked loop
+  for it; the backward's test for it, and its mask code when neither can). Static.
   """
   padded = q_len < t or kv_len < s
   if over_queries:  # a key column's rows: [row_lo, row_hi) of row_bounds
