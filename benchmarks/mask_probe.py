@@ -71,8 +71,9 @@ def main(argv=None) -> int:
   print("| mask | backward | TFLOP/s | ptxas (per kernel) |\n|---|---|---|---|")
   cases = (("full", False, t), ("padded", False, t - 1), ("causal", True, t))
   for label, causal, kv_len in (case for case in cases if case[0] in opts.masks):
-    fused = dataclasses.replace(tuning.mosaic_blocks(h, causal, t), **tuning._MOSAIC_FUSED[h])
-    two = dataclasses.replace(tuning.mosaic_blocks(h, causal, t), bwd_fused=False)
+    table = tuning.mosaic_blocks(h, causal, t)
+    fused = dataclasses.replace(table, **tuning._MOSAIC_FUSED[h])
+    two = dataclasses.replace(table, bwd_fused=False)
     for name, blocks, deterministic in (
       ("ordered", fused, True),
       ("unordered", fused, False),

@@ -145,7 +145,7 @@ def _sweep(ranges, visit, skip, carry, edges):
   """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``.
 
   One loop visits every tile the rows may see; ``masked`` is a traced bool, true on
-  the tiles outside ``[f_lo, f_hi)`` (``_masked`` applies the mask on those only), or
+  the tiles outside ``[f_lo, f_hi)`` (``_masked`` masks those only), or
   False where ``edges`` (``masks.edge_runs``) says no tile needs the mask. A second
   loop for the masked tiles would keep its own copies of the loop-invariant wgmma
   descriptors live through the unmasked one: ptxas ran out of registers and spilled
@@ -166,11 +166,24 @@ def _sweep(ranges, visit, skip, carry, edges):
   return lax.fori_loop(c_hi, hi, skip, carry)
 
 
-def _masked(masked, tile, mask):
-  """``mask(tile)`` where ``masked`` (a traced bool: under ``lax.cond``, so the mask
-  is computed on edge tiles only), ``tile`` where it is False (static: no mask)."""
+def _masked(masked, tile, row0, col_tile, transposed, spec, q_len, kv_len):
+  """``tile`` with the pairs ``masks.visible`` hides set to 0 where ``masked`` (a traced
+  bool: under ``lax.cond``, so only edge tiles compute the mask), ``tile`` itself where
+  ``masked`` is False (static: no mask compiled).
+
+  The tile's rows are numbered from ``row0``, its columns from ``col_tile`` times its
+  width; ``transposed``: rows are keys and columns queries (``sᵀ`` of the dK/dV
+  kernels), else rows are queries.
+  """
   if masked is False:
     return tile
+
+  def mask(tile):
+    rows = _positions(tile.shape, 0, row0)
+    cols = _positions(tile.shape, 1, col_tile * tile.shape[1])
+    queries, keys = (cols, rows) if transposed else (rows, cols)
+    return jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), tile, 0.0)
+
   return lax.cond(masked, mask, lambda tile: tile, tile)
 
 
@@ -206,12 +219,7 @@ def _dkv_tile(slot, rings, bars, k_wg, v_wg, dv, a_smem, masked, r0, i, static):
     st = _matmul(k_wg, q_tile.transpose((1, 0)), (ROWS, bq))
   lse = plgpu.load(lse_ring.at[slot], layout=vec_layout)
   pt = jnp.exp2(st * (scale * tiles.LOG2E) - _broadcast(lse, st.shape, 1))
-
-  def mask(pt):  # sᵀ: dim 0 are keys, dim 1 queries
-    keys, queries = _positions(pt.shape, 0, r0), _positions(pt.shape, 1, i * bq)
-    return jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
-
-  pt = _masked(masked, pt, mask)
+  pt = _masked(masked, pt, r0, i, True, spec, q_len, kv_len)
   with jax.named_scope("b_dowait"):
     plgpu.barrier_wait(do_bar.at[slot])
   dpt_product = (v_wg, do_tile.transpose((1, 0)), (ROWS, bq))
@@ -519,8 +527,8 @@ def _fused(
   every block wait for the whole chain below it before its first add). The price,
   with a causal mask: a pair's heaviest CTAs (its lowest key blocks) start last, so
   SMs idle at the end of the grid (``tuning._ORDERED_MIN_KV`` keeps causal head dim 128
-  shorter than 8k on the two-kernel backward). Non-causal, blocks that start together still trail
-  each other by one add; ``_ordered_cta`` shortens those chains.
+  shorter than 8k on the two-kernel backward). Non-causal, blocks that start together
+  still trail each other by one add; ``_ordered_cta`` shortens those chains.
 
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
   ``reduce=False`` each CTA writes its partial dQ to a slice of its own
@@ -819,12 +827,7 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
           st = st * (scale * tiles.LOG2E)
           lse = plgpu.load(lse_ring.at[slot], (), layout=vec_layout)
           pt = jnp.exp2(st - _broadcast(lse, st.shape, 1))
-
-          def mask(pt):  # sᵀ: dim 0 are keys, dim 1 queries
-            keys, queries = _positions(pt.shape, 0, k0), _positions(pt.shape, 1, i * bq)
-            return jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), pt, 0.0)
-
-          pt = _masked(masked, pt, mask)
+          pt = _masked(masked, pt, k0, i, True, spec, q_len, kv_len)
           plgpu.barrier_wait(p_free.at[0])
           pt_smem[...] = pt.astype(dtype)
           plgpu.commit_smem()
@@ -961,12 +964,7 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
         k_tile = k_ring.at[slot]
         sc = _matmul(q_wg, k_tile.transpose((1, 0)), (ROWS, bk)) * (scale * tiles.LOG2E)
         p = jnp.exp2(sc - _broadcast(lse, sc.shape, 0))
-
-        def mask(p):
-          queries, keys = _positions(p.shape, 0, r0), _positions(p.shape, 1, i * bk)
-          return jnp.where(masks.visible(queries, keys, spec, q_len, kv_len), p, 0.0)
-
-        p = _masked(masked, p, mask)
+        p = _masked(masked, p, r0, i, False, spec, q_len, kv_len)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = _matmul(do_wg, v_ring.at[slot].transpose((1, 0)), (ROWS, bk))
         ds = p * (dp - _broadcast(delta, dp.shape, 0))
