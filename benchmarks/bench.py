@@ -151,14 +151,12 @@ def flops(seqlen: int, head_dim: int, causal: bool, backward: bool) -> float:
 def _variant(impl: str):
   """mosaic with one table setting changed, traced apart from the other implementations'
   calls (jit caches key on the Problem, not on the table): "mosaic-twokernel",
-  tuning.DETERMINISTIC_FUSED off; "mosaic-ordered" / "mosaic-fixed", the deterministic
-  fused backward with ordered / fixed-point dQ adds wherever the head dim has one, at
-  every key length, causal or not; "mosaic-serial" /
+  tuning.DETERMINISTIC_FUSED off; "mosaic-ordered", the ordered fused backward wherever
+  the head dim has one, at every key length, causal or not; "mosaic-serial" /
   "mosaic-pipelined", every head dim's forward with fwd_pipelined off / on."""
   patches = {
     "mosaic-twokernel": lambda: mock.patch.object(tuning, "DETERMINISTIC_FUSED", False),
-    "mosaic-ordered": lambda: _ordered_everywhere("ordered"),
-    "mosaic-fixed": lambda: _ordered_everywhere("fixed"),
+    "mosaic-ordered": _ordered_everywhere,
     "mosaic-serial": lambda: _forward_pipelined(False),
     "mosaic-pipelined": lambda: _forward_pipelined(True),
   }
@@ -174,15 +172,13 @@ def _variant(impl: str):
 
 
 @contextlib.contextmanager
-def _ordered_everywhere(adds: str):
-  """The deterministic fused backward, its dQ added as ``adds`` says, at every key
-  length (and its blocks, which the table keeps from short causal calls at head dim
-  128)."""
+def _ordered_everywhere():
+  """The ordered fused backward at every key length (and its blocks, which the table
+  keeps from short causal calls at head dim 128)."""
   everywhere = {key: 0 for key in tuning._ORDERED_MIN_KV}
   with (
     mock.patch.dict(tuning._ORDERED_MIN_KV, everywhere),
     mock.patch.object(tuning, "_FUSED_MIN_CAUSAL_KV", 0),
-    mock.patch.object(tuning, "DETERMINISTIC_DQ", adds),
   ):
     yield
 
@@ -223,11 +219,10 @@ def main(argv=None) -> int:
     nargs="+",
     help="default: every implementation that runs compiled here; also mosaic-fused "
     "(mosaic with deterministic_backward=False), mosaic-twokernel (the deterministic "
-    "backward as two kernels), mosaic-ordered / mosaic-fixed (the deterministic fused "
-    "backward with ordered / fixed-point dQ adds at every length, causal or not), and "
-    "mosaic-serial / mosaic-pipelined (every forward with that consumer loop); "
-    "cudnn-det: cuDNN with xla_gpu_deterministic_ops (its backward then adds dQ in a "
-    "fixed order; by default it does not)",
+    "backward as two kernels), mosaic-ordered (the ordered fused backward at every "
+    "length, causal or not), and mosaic-serial / mosaic-pipelined (every forward with "
+    "that consumer loop); cudnn-det: cuDNN with xla_gpu_deterministic_ops (its "
+    "backward then adds dQ in a fixed order; by default it does not)",
   )
   parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--out", help="write bench.json, bench.md and bench.png into this folder")

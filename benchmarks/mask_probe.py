@@ -11,8 +11,7 @@ ptxas' registers and spills for each, on three masks:
   the mask code is compiled in and only the last key block's tiles are masked;
 - ``causal``.
 
-``ordered`` / ``fixed``: the deterministic fused kernel with its dQ adds ordered by
-semaphores / as fixed-point integers; ``unordered``: deterministic_backward=False;
+``ordered``: the deterministic fused kernel; ``unordered``: deterministic_backward=False;
 ``two-kernel``: the dK/dV and dQ kernels (the default for causal head_dim 128 below 8k);
 its ptxas entry lists the two kernels.
 TFLOP/s count the backward's 2.5 × 4·B·T·S·N·H FLOPs (halved when causal).
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import sys
 
@@ -76,26 +74,26 @@ def main(argv=None) -> int:
     table = tuning.mosaic_blocks(h, causal, t)
     fused = dataclasses.replace(table, **tuning._MOSAIC_FUSED[h])
     two = dataclasses.replace(table, bwd_fused=False)
-    for name, blocks, deterministic, adds in (
-      ("ordered", fused, True, "ordered"),
-      ("fixed", fused, True, "fixed"),
-      ("unordered", fused, False, None),
-      ("two-kernel", two, True, None),
+    for name, blocks, deterministic in (
+      ("ordered", fused, True),
+      ("unordered", fused, False),
+      ("two-kernel", two, True),
     ):
       if name not in opts.backwards:
         continue
-      options = dict(
-        scale=h**-0.5,
-        spec=masks.MaskSpec(causal),
-        q_len=t,
-        kv_len=kv_len,
-        blocks=blocks,
-        p_in_registers=True,
-        interpret=False,
-        deterministic=deterministic,
-        dq_adds=adds,
+      run = jax.jit(
+        lambda *a, causal=causal, kv_len=kv_len, blocks=blocks, det=deterministic: bwd.kernels(
+          *a,
+          scale=h**-0.5,
+          spec=masks.MaskSpec(causal),
+          q_len=t,
+          kv_len=kv_len,
+          blocks=blocks,
+          p_in_registers=True,
+          interpret=False,
+          deterministic=det,
+        )
       )
-      run = jax.jit(functools.partial(bwd.kernels, **options))
       work = flops(t, h, causal, True) / 3.5 * 2.5
       tflops, text = compile_and_time(run, (q, k, v, do, lse2, delta), work)
       print(f"| {label} | {name} | {tflops:.0f} | {' ; '.join(summarize(text))} |", flush=True)

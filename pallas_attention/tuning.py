@@ -183,9 +183,6 @@ _FUSED_MIN_CAUSAL_KV = 4096
 # head dim 128 it is unchanged (466/502/539/547 at 2k-16k; before: 504 at 4k, 546 at
 # 16k, results/reversed_1/old.md). DETERMINISTIC_FUSED = False turns it off.
 DETERMINISTIC_FUSED = True
-# How the deterministic fused backward adds dQ (mosaic/backward.py::_fused): "ordered"
-# (semaphores and a writer warp) or "fixed" (fixed-point integers, in any order).
-DETERMINISTIC_DQ = "ordered"
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),

@@ -500,7 +500,7 @@ def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=Fal
 
 
 def _fused(
-  q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers, reduce, adds
+  q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers, reduce, ordered
 ):
   """dQ, dK and dV in one kernel: the dK/dV kernel that also adds each tile's dQ.
 
@@ -510,13 +510,9 @@ def _fused(
   slab into a float32 ``[B, T, N, H]`` buffer with a TMA reduce-add: 5 tile products
   per tile instead of the 7 of the two-kernel backward.
 
-  ``adds``: how the CTAs' dQ shares are added. "float": float32 additions from
-  different CTAs land in no fixed order, so dQ may differ from run to run in its last
-  bits. "fixed" (deterministic): each share is scaled per query row by a power of two
-  (``fixed_point_scale``) and added as a two-part fixed-point integer (``_fixed_point``)
-  into two int32 buffers; integer addition is associative, so the sum is the same in
-  any order, and XLA turns it back into float32 after the kernel. "ordered"
-  (deterministic): the key blocks add into each query tile in decreasing order: a global semaphore
+  Float additions from different CTAs land in no fixed order, so without ``ordered``
+  dQ may differ from run to run in its last bits. With ``ordered`` (deterministic)
+  the key blocks add into each query tile in decreasing order: a global semaphore
   per (batch, query head, query tile) counts the adds done, and key block ``j`` adds
   when it reads ``stop - 1 - j`` (``[first, stop)``: the tile's key blocks,
   ``dq_contributors``), waits for its add to land, and counts it in; the lowest block
@@ -535,9 +531,9 @@ def _fused(
   still trail each other by one add; ``_ordered_cta`` shortens those chains.
 
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
-  ``reduce=False`` each CTA writes its partial dQ (or its two integer parts) to a slice
-  of its own (``[S / dkv_kv, B, T, N, H]``) and XLA sums them in a fixed order (fine
-  for test shapes, not for long sequences).
+  ``reduce=False`` each CTA writes its partial dQ to a slice of its own
+  (``[S / dkv_kv, B, T, N, H]``) and XLA sums them in a fixed order (fine for test
+  shapes, not for long sequences).
   """
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1:3]
@@ -550,21 +546,11 @@ def _fused(
   kv_range = functools.partial(masks.kv_block_range, spec=spec, q_len=q_len, kv_len=kv_len)
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
   static = (scale, spec, q_len, kv_len)
-  if adds not in ("float", "ordered", "fixed"):
-    raise ValueError(f"mosaic backward: dQ adds {adds!r} (float, ordered or fixed)")
-  fixed = adds == "fixed"
-  semaphores = adds == "ordered" and reduce
+  semaphores = ordered and reduce
   if semaphores:
     dq_contributors(spec, q_len, kv_len, t, s, bq, bk)
-  if fixed and s // bk > _FIXED_MAX_ADDS:
-    raise NotImplementedError(f"mosaic backward: fixed-point dQ adds of {s // bk} key blocks")
 
-  def kernel(*refs):
-    num_in = 9 if fixed else 7  # q, k, v, dO, lse, delta, [row scale], dQ buffers
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    dq_refs = refs[num_in - (2 if fixed else 1) : num_in]
-    dk_ref, dv_ref = refs[num_in : num_in + 2]
-    scratch = refs[num_in + 2 :]
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
     if semaphores:
       *scratch, dq_full, dq_free = scratch
@@ -573,7 +559,7 @@ def _fused(
     wg = lax.axis_index("wg")
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_block = lax.axis_index("kv")
-    if adds == "ordered":
+    if ordered:
       cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal)
       batch, kv_head, kv_block = _ordered_cta(*cta)
     k0 = kv_block * bk
@@ -618,7 +604,7 @@ def _fused(
         for c in range(consumers):
           q_rows = pl.ds(i * bq + c * row_step, slab_rows)
           target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
-          plgpu.copy_smem_to_gmem(dq_smem.at[buf, c], dq_refs[0].at[target], reduction_op="add")
+          plgpu.copy_smem_to_gmem(dq_smem.at[buf, c], dq_ref.at[target], reduction_op="add")
         plgpu.wait_smem_to_gmem(0)  # landed in memory, not only read
 
         @pl.when(more)
@@ -662,16 +648,11 @@ def _fused(
       rings = (q_ring, do_ring, lse_ring, delta_ring)
       slab_q = pl.ds(pl.multiple_of(wg * row_step, ROWS), slab_rows)
       slab_h = pl.ds(pl.multiple_of(wg * col_step, 64), slab_cols)
-      row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a dQ slab
 
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
         slot = lax.rem(_step(g, i, lo, num_q), stages)
         buf = lax.rem(visits, 2)
-        if fixed:  # the slab rows' scales, from global memory (used at the tile's end)
-          scale_rows = pl.ds(i * bq + wg * row_step, slab_rows)
-          scale_at = (batch, kv_head * group + g, scale_rows)
-          row_scale = plgpu.load(refs[6].at[scale_at], (), layout=row_layout, optimized=False)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
         dst = dst.astype(dtype)
@@ -697,19 +678,16 @@ def _fused(
           plgpu.commit_smem()
           plgpu.barrier_arrive(dq_full.at[buf])
           return dk, dv, visits + 1
-        parts = _fixed_point(dq * _broadcast(row_scale, dq.shape, 0)) if fixed else (dq,)
-        bufs = (dq_smem.at[0, wg], dq_smem.at[1, wg]) if fixed else (dq_smem.at[wg],)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last adds have read bufs
-        for part, dq_buf in zip(parts, bufs, strict=True):
-          dq_buf[...] = part
+        dq_wg = dq_smem.at[wg]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read dq_wg
+        dq_wg[...] = dq
         plgpu.commit_smem()
         q_rows = pl.ds(i * bq + wg * row_step, slab_rows)
         target = (batch, q_rows, kv_head * group + g, slab_h)
-        for dq_buf, dq_ref in zip(bufs, dq_refs, strict=True):
-          if reduce:
-            plgpu.copy_smem_to_gmem(dq_buf, dq_ref.at[target], reduction_op="add")
-          else:
-            plgpu.copy_smem_to_gmem(dq_buf, dq_ref.at[(kv_block, *target)])
+        if reduce:
+          plgpu.copy_smem_to_gmem(dq_wg, dq_ref.at[target], reduction_op="add")
+        else:
+          plgpu.copy_smem_to_gmem(dq_wg, dq_ref.at[(kv_block, *target)])
         return dk, dv, visits + 1
 
       def skip(g, i, carry):
@@ -736,11 +714,10 @@ def _fused(
     plgpu.SMEM((stages, bq), jnp.float32),
     plgpu.SMEM((stages, bq), jnp.float32),
     plgpu.SMEM((2, bk, bq), dtype, transforms=_SWIZZLED),  # dsᵀ, double buffered
-    # dQ slabs: double buffered for the writer warp on the ordered path, two integer
-    # parts on the fixed-point one
+    # dQ slabs: double buffered for the writer warp on the ordered path
     plgpu.SMEM(
-      ((2,) if fixed or semaphores else ()) + (consumers, slab_rows, slab_cols),
-      jnp.int32 if fixed else jnp.float32,
+      (2, consumers, slab_rows, slab_cols) if semaphores else (consumers, slab_rows, slab_cols),
+      jnp.float32,
     ),
   ]
   if not p_in_registers:
@@ -759,74 +736,13 @@ def _fused(
       plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dQ slabs added (writer warp)
     ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
+  dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
   call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
-  if not fixed:
-    dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-    dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
-    dq = dq_acc[...]
-    if not reduce:
-      dq = dq.sum(axis=0)
-    return (dq * scale).astype(dtype), dk, dv
-  row_scale = fixed_point_scale(k, v, do, delta)
-  hi_acc, lo_acc = (jax.new_ref(jnp.zeros(acc_shape, jnp.int32)) for _ in range(2))
-  dk, dv = call(q, k, v, do, lse2, delta, row_scale, hi_acc, lo_acc)
-  hi, lo = hi_acc[...], lo_acc[...]
+  dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
+  dq = dq_acc[...]
   if not reduce:
-    hi, lo = hi.sum(axis=0), lo.sum(axis=0)  # integers: exact, in any order
-  dq = hi.astype(jnp.float32) * float(1 << _FIXED_LOW_BITS) + lo.astype(jnp.float32)
-  dq = dq * (scale / row_scale).transpose(0, 2, 1)[..., None]
-  return dq.astype(dtype), dk, dv
-
-
-# Fixed-point dQ adds (``_fused`` with adds="fixed"): a row's scaled shares stay below
-# 2**_FIXED_BITS in magnitude, split into a high part (``y / 2**_FIXED_LOW_BITS`` rounded
-# to an integer, below 2**(_FIXED_BITS - _FIXED_LOW_BITS) = 2**22, which _fixed_point's
-# rounding needs) and a low part (at most 2**(_FIXED_LOW_BITS - 1) each, so up to
-# _FIXED_MAX_ADDS of them sum below 2**31).
-_FIXED_BITS = 38
-_FIXED_LOW_BITS = 16
-_FIXED_MAX_ADDS = 1 << (31 - _FIXED_LOW_BITS)
-_ROUNDER = 1.5 * 2**23  # x + _ROUNDER holds round(x) in its low bits for |x| < 2**22
-_ROUNDER_BITS = 0x4B400000  # its float32 bits
-
-
-def fixed_point_scale(k, v, do, delta):
-  """Per query row (``[B, N, T]``), a power of two ``c`` such that ``c`` times any sum of
-  that row's unscaled dQ shares (``Σⱼ dsᵢⱼ·Kⱼ`` over any set of keys) stays below
-  ``2**_FIXED_BITS`` in magnitude; NaN where the bound is not finite (then dQ is NaN).
-
-  ``|dsᵢⱼ| = pᵢⱼ·|dpᵢⱼ − δᵢ| ≤ pᵢⱼ·(‖dOᵢ‖·maxⱼ‖Vⱼ‖ + |δᵢ|)`` and ``Σⱼ pᵢⱼ ≤ 1``, so
-  ``|Σⱼ dsᵢⱼ·Kⱼ[d]| ≤ (‖dOᵢ‖·maxⱼ‖Vⱼ‖ + |δᵢ|)·maxⱼ,d |Kⱼ[d]|``, over the row's kv
-  head; doubled for the rounding of ``p`` and of ``ds`` to 16 bits. The resolution of
-  the sum is ``1 / c``, about 2**-37 of the bound.
-  """
-  f32 = jnp.float32
-  group = do.shape[2] // k.shape[2]
-  do_norm = jnp.sqrt(jnp.sum(jnp.square(do.astype(f32)), axis=-1)).transpose(0, 2, 1)  # [B,N,T]
-  v_norm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(v.astype(f32)), axis=-1), axis=1))  # [B,K]
-  k_max = jnp.max(jnp.abs(k.astype(f32)), axis=(1, 3))  # [B,K]
-  v_norm, k_max = (jnp.repeat(x, group, axis=1)[..., None] for x in (v_norm, k_max))
-  bound = 2 * (do_norm * v_norm + jnp.abs(delta)) * k_max
-  exponent = jnp.clip(jnp.floor(_FIXED_BITS - jnp.log2(bound)), -126, 126).astype(jnp.int32)
-  return jnp.where(jnp.isfinite(bound), jnp.ldexp(jnp.ones_like(bound), exponent), jnp.nan)
-
-
-def _fixed_point(y):
-  """The two int32 parts ``(hi, lo)`` of a float32 tile ``|y| < 2**38`` with
-  ``hi·2**16 + lo = round(y)``, ``|lo| <= 2**15``, by float additions and integer
-  subtractions only: float-to-int conversions run at a quarter of the FP32 rate, and
-  three per element cost the kernel 15-18% (benchmarks/RESULTS.md, seventh session).
-
-  ``high = y·2**-16 + 1.5·2**23`` rounds ``y·2**-16`` (below 2**22) to an integer
-  ``r`` and holds it in its low mantissa bits, so ``hi = bits(high) − bits(1.5·2**23)
-  = r``; ``y − r·2**16`` is exact in float32 (at most 2**15, a multiple of ``y``'s last
-  place), and ``lo`` is rounded out of it the same way.
-  """
-  unit = float(1 << _FIXED_LOW_BITS)
-  high = y * (1.0 / unit) + _ROUNDER
-  low = y - (high - _ROUNDER) * unit + _ROUNDER
-  parts = (lax.bitcast_convert_type(x, jnp.int32) for x in (high, low))
-  return tuple(x - jnp.int32(_ROUNDER_BITS) for x in parts)
+    dq = dq.sum(axis=0)
+  return (dq * scale).astype(dtype), dk, dv
 
 
 def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
@@ -1102,7 +1018,6 @@ def backward(
   blocks: tuning.MosaicBlocks,
   p_in_registers: bool | None = None,
   deterministic: bool = True,
-  dq_adds: str | None = None,
 ):
   """dq [B,T,N,H], dk, dv [B,S,K,H] in q/k/v dtypes.
 
@@ -1112,16 +1027,14 @@ def backward(
   Rows ``>= q_len`` and columns ``>= kv_len`` are masked. ``p_in_registers``:
   feed ``pᵀ``, ``dsᵀ`` and ``ds`` to wgmma from registers (default: off the CPU
   interpreter, which cannot). ``deterministic``: the fused kernel
-  (``blocks.bwd_fused``) adds dQ so that every run gives the same bits (the two-kernel
-  backward always does), as fixed-point integers or in a fixed order (``dq_adds``
-  "fixed" or "ordered"; None: ``tuning.DETERMINISTIC_DQ``).
+  (``blocks.bwd_fused``) adds dQ in a fixed order (the two-kernel backward always
+  does).
   """
   interpret = jax.default_backend() == "cpu"
   if p_in_registers is None:
     p_in_registers = not interpret
   static = dict(scale=scale, spec=spec, q_len=q_len, kv_len=kv_len, blocks=blocks)
   choices = dict(p_in_registers=p_in_registers, interpret=interpret, deterministic=deterministic)
-  choices.update(dq_adds=dq_adds)
   return kernels(q, k, v, do, lse2, delta, **static, **choices)
 
 
@@ -1141,7 +1054,6 @@ def kernels(
   p_in_registers,
   interpret,
   deterministic=True,
-  dq_adds=None,
 ):
   """backward with every choice explicit; ``interpret``: in the Mosaic GPU interpreter.
 
@@ -1154,8 +1066,7 @@ def kernels(
   args = (q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers)
   with plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext():
     if blocks.bwd_fused:
-      adds = (dq_adds or tuning.DETERMINISTIC_DQ) if deterministic else "float"
-      return _fused(*args, reduce=not interpret, adds=adds)
+      return _fused(*args, reduce=not interpret, ordered=deterministic)
     dk, dv = (_dkv_split if blocks.dkv_split else _dkv)(*args)
     dq = _dq(*args)
   return dq, dk, dv
@@ -1171,6 +1082,5 @@ backward_jit = jax.jit(
     "blocks",
     "p_in_registers",
     "deterministic",
-    "dq_adds",
   ),
 )
