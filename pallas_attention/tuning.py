@@ -179,7 +179,10 @@ _FUSED_MIN_CAUSAL_KV = 4096
 # _sweep), which ended their register spills under a causal mask; H100
 # (results/s6_oneloop_h100/gpu_check.md), fwd+bwd TFLOP/s, ordered against two-kernel,
 # causal head dim 128: 377/405 at 2k, 433/435 at 4k, 478/456 at 8k, 515/503 at 16k, so
-# causal head dim 128 takes the ordered kernel from 8k. Non-causal
+# causal head dim 128 took the ordered kernel from 8k. Seventh session, H100, the same
+# against the two-kernel backward and cuDNN in one call (results/s7_protocol_h100/
+# ab_causal128.md): 388/402/364 at 2k, 448/434/427 at 4k, 480/459/480 at 8k (ordered
+# at 4k in the session's two other calls: 448, 450), so from 4k. Non-causal
 # head dim 128 it is unchanged (466/502/539/547 at 2k-16k; before: 504 at 4k, 546 at
 # 16k, results/reversed_1/old.md). DETERMINISTIC_FUSED = False turns it off.
 DETERMINISTIC_FUSED = True
@@ -198,7 +201,7 @@ ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never).
-_ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): 8192}
+_ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): 4096}
 
 
 def has_fused_backward(head_dim: int) -> bool:

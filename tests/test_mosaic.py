@@ -159,7 +159,7 @@ def test_block_table_short_and_long_keys():
   assert fused(128, False, 2048, True) and fused(64, False, 4096, True)
   assert not fused(128, False, 1024, True) and not fused(64, False, 2048, True)
   assert fused(64, True, 4096, True) and not fused(64, True, 2048, True)
-  assert fused(128, True, 8192, True) and not fused(128, True, 4096, True)
+  assert fused(128, True, 4096, True) and not fused(128, True, 2048, True)
   assert not fused(256, False, 16384, True)
 
 
