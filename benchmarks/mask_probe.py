@@ -12,7 +12,7 @@ ptxas' registers and spills for each, on three masks:
 - ``causal``.
 
 ``ordered``: the deterministic fused kernel; ``unordered``: deterministic_backward=False;
-``two-kernel``: the dK/dV and dQ kernels (the default for causal head_dim 128 below 8k);
+``two-kernel``: the dK/dV and dQ kernels (the default for causal head_dim 128 below 4k);
 its ptxas entry lists the two kernels.
 TFLOP/s count the backward's 2.5 × 4·B·T·S·N·H FLOPs (halved when causal).
 

@@ -527,7 +527,7 @@ def _fused(
   every block wait for the whole chain below it before its first add). The price,
   with a causal mask: a pair's heaviest CTAs (its lowest key blocks) start last, so
   SMs idle at the end of the grid (``tuning._ORDERED_MIN_KV`` keeps causal head dim 128
-  shorter than 8k on the two-kernel backward). Non-causal, blocks that start together
+  shorter than 4k on the two-kernel backward). Non-causal, blocks that start together
   still trail each other by one add; ``_ordered_cta`` shortens those chains.
 
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
