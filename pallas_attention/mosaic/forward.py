@@ -79,6 +79,21 @@ def compiler_params(interpret: bool):
   return plgpu.CompilerParams(approx_math=True)
 
 
+def _key_runs(lo, full_lo, full_hi, hi, edges, step, carry):
+  """``step(j, carry, masked)`` over key tiles ``[lo, hi)`` in order, one loop per run:
+  masked on ``[lo, full_lo)`` and ``[full_hi, hi)``, unmasked between. A run that
+  ``edges`` (``masks.edge_runs``' lead, trail) says cannot occur gets no loop, and its
+  bound (``full_lo`` or ``full_hi``) is not read."""
+  lead, trail = edges
+  plain_lo, plain_hi = full_lo if lead else lo, full_hi if trail else hi
+  if lead:
+    carry = lax.fori_loop(lo, plain_lo, lambda j, c: step(j, c, True), carry)
+  carry = lax.fori_loop(plain_lo, plain_hi, lambda j, c: step(j, c, False), carry)
+  if trail:
+    carry = lax.fori_loop(plain_hi, hi, lambda j, c: step(j, c, True), carry)
+  return carry
+
+
 def forward(
   q,
   k,
@@ -281,13 +296,7 @@ def forward(
       def run_serial(m, denom, acc):
         pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[0]))
         pl.when(wg == 1)(take_turn)
-        carry = (m, denom, acc)
-        if lead:
-          carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
-        plain = (full_lo if lead else lo, full_hi if trail else hi)
-        carry = lax.fori_loop(*plain, lambda j, c: step(j, c, False), carry)
-        if trail:
-          carry = lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
+        carry = _key_runs(lo, full_lo, full_hi, hi, (lead, trail), step, (m, denom, acc))
         pl.when(wg == 0)(take_turn)
         return carry
 
@@ -394,11 +403,7 @@ def forward(
         carry = (m, denom, acc, p16)
         plain_lo = jnp.clip(full_lo, lo + 1, hi) if lead else lo + 1
         plain_hi = jnp.clip(full_hi, plain_lo, hi) if trail else hi
-        if lead:
-          carry = lax.fori_loop(lo + 1, plain_lo, lambda n, c: overlapped(n, c, True), carry)
-        carry = lax.fori_loop(plain_lo, plain_hi, lambda n, c: overlapped(n, c, False), carry)
-        if trail:
-          carry = lax.fori_loop(plain_hi, hi, lambda n, c: overlapped(n, c, True), carry)
+        carry = _key_runs(lo + 1, plain_lo, plain_hi, hi, (lead, trail), overlapped, carry)
         m, denom, acc, p16 = carry
         # The last tile's P·V product.
         last = slot_of(hi - 1)
