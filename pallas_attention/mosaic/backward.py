@@ -516,7 +516,10 @@ def _fused(
   per (batch, query head, query tile) counts the adds done, and key block ``j`` adds
   when it reads ``stop - 1 - j`` (``[first, stop)``: the tile's key blocks,
   ``dq_contributors``), waits for its add to land, and counts it in; the lowest block
-  of a tile takes the count back to zero for the next call. That waiting is done by a
+  of a tile takes the count back to zero for the next call. The highest block (turn 0)
+  stores instead of adding, so the buffer is not zeroed first unless some query tile
+  has no key block at all (a mask that hides whole tiles; its dQ must be zeros). That
+  waiting is done by a
   writer warp of the producer warpgroup (``plgpu.warp_map``: warp 0 fetches, warp 1
   writes dQ), to which the consumers hand their slabs through a double-buffered tile,
   so they only wait if it falls two tiles behind. The key-block grid axis is launched
@@ -547,8 +550,9 @@ def _fused(
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
   static = (scale, spec, q_len, kv_len)
   semaphores = ordered and reduce
-  if semaphores:
-    dq_contributors(spec, q_len, kv_len, t, s, bq, bk)
+  # Ordered, each tile's first adder stores: the dQ buffer needs zeros only where a
+  # tile has no key block to add into it.
+  stores_every_tile = semaphores and dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1].all()
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
@@ -582,7 +586,8 @@ def _fused(
 
     def write_dq(counts):
       """The dQ writer (one warp of the producer warpgroup, ordered path): adds the
-      consumers' slabs of each tile once it is this key block's turn."""
+      consumers' slabs of each tile once it is this key block's turn (the first block
+      of a tile, turn 0, stores them: the buffer starts uninitialized)."""
 
       def step(st, carry):
         g, i = _query_tile(st, lo, num_q)
@@ -601,10 +606,14 @@ def _fused(
         def _():  # every other block has added: take the count back to zero
           plgpu.semaphore_wait(sem, turn, decrement=True, memory_scope="gpu")
 
-        for c in range(consumers):
-          q_rows = pl.ds(i * bq + c * row_step, slab_rows)
-          target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
-          plgpu.copy_smem_to_gmem(dq_smem.at[buf, c], dq_ref.at[target], reduction_op="add")
+        def add(op):
+          for c in range(consumers):
+            q_rows = pl.ds(i * bq + c * row_step, slab_rows)
+            target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
+            plgpu.copy_smem_to_gmem(dq_smem.at[buf, c], dq_ref.at[target], reduction_op=op)
+
+        pl.when(turn == 0)(lambda: add(None))
+        pl.when(turn > 0)(lambda: add("add"))
         plgpu.wait_smem_to_gmem(0)  # landed in memory, not only read
 
         @pl.when(more)
@@ -736,10 +745,16 @@ def _fused(
       plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dQ slabs added (writer warp)
     ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
-  dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-  call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
-  dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
-  dq = dq_acc[...]
+  grid = (b, kv_heads, s // bk)
+  if stores_every_tile:
+    dq_type = jax.ShapeDtypeStruct(acc_shape, jnp.float32)
+    call = _call(kernel, (dq_type, k, v), scratch, grid, ("batch", "heads", "kv"), consumers)
+    dq, dk, dv = call(q, k, v, do, lse2, delta)
+  else:
+    dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
+    call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), consumers)
+    dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
+    dq = dq_acc[...]
   if not reduce:
     dq = dq.sum(axis=0)
   return (dq * scale).astype(dtype), dk, dv
