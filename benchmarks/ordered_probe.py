@@ -12,6 +12,11 @@ point as it is measured, then a table:
   ``ORDERED_CHUNK_CAUSAL`` lifted);
 - ``ord-nowait``: headwise with the semaphore waits traced out (a diagnostic: the adds
   are then in no fixed order; what the writer warp costs without the chain);
+- ``ord-nosync``: ``ord-nowait`` with the semaphore signals traced out too (the writer
+  warp still waits for each add to land before freeing its buffer);
+- ``ord-noland``: ``ord-nosync`` with every wait for TMA stores relaxed to "read"
+  (the writer frees its buffer once the adds have read it): what is left is the
+  hand-over of the dQ slabs to the writer warp;
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -35,6 +40,8 @@ VARIANTS = {
   "ord-chunk8": lambda: _chunks(8),
   "ord-chunk4": lambda: _chunks(4),
   "ord-nowait": lambda: _no_wait(),
+  "ord-nosync": lambda: _no_wait(signal=False),
+  "ord-noland": lambda: _no_wait(signal=False, land=False),
 }
 
 
@@ -49,11 +56,19 @@ def _chunks(size: int):
 
 
 @contextlib.contextmanager
-def _no_wait():
-  with (
-    mock.patch.object(tuning, "ORDERED_CHUNK", 0),
-    mock.patch.object(plgpu, "semaphore_wait", lambda *args, **kwargs: None),
-  ):
+def _no_wait(signal: bool = True, land: bool = True):
+  wait_stores = plgpu.wait_smem_to_gmem
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(mock.patch.object(tuning, "ORDERED_CHUNK", 0))
+    stack.enter_context(mock.patch.object(plgpu, "semaphore_wait", lambda *a, **k: None))
+    if not signal:
+      stack.enter_context(mock.patch.object(plgpu, "semaphore_signal", lambda *a, **k: None))
+    if not land:
+
+      def read_only(n, wait_read_only=False):
+        return wait_stores(n, wait_read_only=True)
+
+      stack.enter_context(mock.patch.object(plgpu, "wait_smem_to_gmem", read_only))
     yield
 
 
