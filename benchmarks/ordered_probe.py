@@ -17,8 +17,6 @@ point as it is measured, then a table:
 - ``ord-noland``: ``ord-nosync`` with every wait for TMA stores relaxed to "read"
   (the writer frees its buffer once the adds have read it): what is left is the
   hand-over of the dQ slabs to the writer warp;
-- ``ord-chains2``: the table's launch order, non-causal adds in two chains
-  (``tuning.ORDERED_CHAINS = 2``: a block waits for the block two above it);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -44,7 +42,6 @@ VARIANTS = {
   "ord-nowait": lambda: _no_wait(),
   "ord-nosync": lambda: _no_wait(signal=False),
   "ord-noland": lambda: _no_wait(signal=False, land=False),
-  "ord-chains2": lambda: mock.patch.object(tuning, "ORDERED_CHAINS", 2),
 }
 
 

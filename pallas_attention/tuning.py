@@ -199,11 +199,6 @@ ORDERED_CHUNK = 8
 ORDERED_WAVE = 128
 ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
-# Non-causal, the ordered kernel's key blocks add dQ in ORDERED_CHAINS independent
-# chains (block j in chain j % ORDERED_CHAINS, each chain into a dQ buffer of its own,
-# the buffers summed in a fixed order after the kernel): a block waits for the block
-# ORDERED_CHAINS above it instead of the one just above.
-ORDERED_CHAINS = 1
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never).
 _ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): 4096}

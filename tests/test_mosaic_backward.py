@@ -227,25 +227,16 @@ def test_dq_contributors_are_the_blocks_that_see_each_tile(spec, t, s, q_len, kv
     if blocks.size:
       assert (first[i], count[i]) == (blocks[0], blocks.size), i
       assert np.array_equal(blocks, np.arange(blocks[0], blocks[-1] + 1)), i
-      for chains in (1, 2, 3):
-        for chain in range(chains):  # each chain adds on its own
-          ours = [int(j) for j in blocks if j % chains == chain]
-          _check_dq_turns(ours, int(first[i]), int(first[i] + count[i]), chains)
+      _check_dq_turns([int(j) for j in blocks], int(first[i]), int(first[i] + count[i]))
     else:
       assert count[i] == 0, i
 
 
-def _check_dq_turns(blocks, first, stop, chains=1):
-  """The ordered kernel's semaphore protocol (``_dq_turn``) for one tile (and one chain),
-  simulated: the blocks add one at a time from the highest down, each when the count
-  reads its turn, and the count is back at zero after the last add (the next call
-  starts from zero)."""
-  if not blocks:
-    return
-  turns = {}
-  for j in blocks:
-    turn, last, more = mosaic_bwd._dq_turn(jnp.int32(j), first, stop, chains)
-    turns[j] = int(turn), bool(last), bool(more)
+def _check_dq_turns(blocks, first, stop):
+  """The ordered kernel's semaphore protocol (``_dq_turn``) for one tile, simulated: the
+  blocks add one at a time from the highest down, each when the count reads its turn,
+  and the count is back at zero after the last add (the next call starts from zero)."""
+  turns = {j: mosaic_bwd._dq_turn(j, first, stop) for j in blocks}
   order = sorted(blocks, key=lambda j: turns[j][0])
   assert order == sorted(blocks, reverse=True)
   assert [turns[j][0] for j in order] == list(range(len(blocks)))
@@ -264,14 +255,10 @@ def _check_dq_turns(blocks, first, stop, chains=1):
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("chains", [1, 2])
-def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, chains, rng, monkeypatch):
+def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, rng):
   """Many key blocks add into each dQ tile (16 CTAs per head): five calls give the
   same bits (the semaphores also come back to zero after each call, or the next call
-  would wait forever or add out of order), close to the unordered kernel's dQ; also
-  with the adds in two chains (tuning.ORDERED_CHAINS; non-causal calls only)."""
-  monkeypatch.setattr(tuning, "ORDERED_CHAINS", chains)
-  jax.clear_caches()  # backward_jit's cache keys on shapes, not on the table
+  would wait forever or add out of order), close to the unordered kernel's dQ."""
   b, t, n, kv_heads = 2, 2048, 4, 2
   q, k, v, do = _inputs(rng, b, t, t, n, kv_heads, h, jnp.bfloat16, t)
   lse2 = jnp.zeros((b, n, t), jnp.float32)  # any finite values: a fixed function of q, k, v
@@ -349,21 +336,6 @@ def test_register_path_lowers_for_cuda(h, blocks, deterministic):
   assert "mosaic_gpu" in text
   # The ordered fused kernel counts adds with global semaphores (a release add).
   assert ("red.release.gpu.global.add" in text) == (blocks.bwd_fused and deterministic)
-
-
-@pytest.mark.skipif(ON_GPU, reason="on the GPU the determinism test runs this path")
-def test_ordered_chains_lower_for_cuda(monkeypatch):
-  """Two chains of ordered adds (non-causal): one dQ buffer per chain, summed after."""
-  monkeypatch.setattr(tuning, "ORDERED_CHAINS", 2)
-  b, t, n, h = 1, 512, 2, 128
-  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
-  vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
-  static = dict(scale=0.1, spec=masks.MaskSpec(), q_len=t, kv_len=t, blocks=FUSED_COLS)
-  choices = dict(p_in_registers=True, interpret=False, deterministic=True)
-  call = functools.partial(mosaic_bwd.kernels, **static, **choices)
-  text = jax.jit(call).trace(q, q, q, q, vec, vec).lower(lowering_platforms=("cuda",)).as_text()
-  assert "red.release.gpu.global.add" in text
-  assert f"tensor<2x{b}x{t}x{n}x{h}xf32>" in text  # the two chains' buffers
 
 
 def test_unsupported_inputs_raise(rng):

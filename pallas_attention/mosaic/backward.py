@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -452,16 +451,12 @@ def fused_slab(bq: int, h: int, consumers: int):
   return None
 
 
-def _dq_turn(kv_block, first, stop, chains: int = 1):
+def _dq_turn(kv_block, first, stop):
   """The ordered fused kernel's place for key block ``kv_block`` among the blocks
   ``[first, stop)`` that add into a query tile: ``(turn, last, more)``. It adds once
   ``turn`` adds are in (the blocks above it add first); ``last``: the lowest block, which
-  adds last and takes the count back to zero; ``more``: others follow (signal them).
-  With ``chains`` > 1 the same among the blocks of its chain (``kv_block % chains``)."""
-  if chains == 1:
-    return stop - 1 - kv_block, kv_block == first, kv_block > first
-  top = stop - 1 - lax.rem(stop - 1 - kv_block, chains)  # the chain's highest block
-  return lax.div(top - kv_block, chains), kv_block < first + chains, kv_block >= first + chains
+  adds last and takes the count back to zero; ``more``: others follow (signal them)."""
+  return stop - 1 - kv_block, kv_block == first, kv_block > first
 
 
 def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int, int]:
@@ -555,13 +550,9 @@ def _fused(
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
   static = (scale, spec, q_len, kv_len)
   semaphores = ordered and reduce
-  # Ordered: independent chains of adds (tuning.ORDERED_CHAINS), each into its own buffer.
-  chains = tuning.ORDERED_CHAINS if semaphores and not spec.causal else 1
-  # Ordered, each tile's first adder (of each chain) stores: the dQ buffers need zeros
-  # only where a tile has no key block (of some chain) to add into it.
-  stores_every_tile = semaphores and bool(
-    (dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1] >= chains).all()
-  )
+  # Ordered, each tile's first adder stores: the dQ buffer needs zeros only where a
+  # tile has no key block to add into it.
+  stores_every_tile = semaphores and dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1].all()
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
@@ -603,11 +594,8 @@ def _fused(
         buf = lax.rem(st, 2)
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
-        turn, last, more = _dq_turn(kv_block, first, stop, chains)
-        index = (batch * n + head) * (t // bq) + i
-        if chains > 1:
-          index += lax.rem(kv_block, chains) * (b * n * (t // bq))
-        sem = counts.at[index]
+        turn, last, more = _dq_turn(kv_block, first, stop)
+        sem = counts.at[(batch * n + head) * (t // bq) + i]
         plgpu.barrier_wait(dq_full.at[buf])
 
         @pl.when((turn > 0) & more)
@@ -622,8 +610,6 @@ def _fused(
           for c in range(consumers):
             q_rows = pl.ds(i * bq + c * row_step, slab_rows)
             target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
-            if chains > 1:
-              target = (lax.rem(kv_block, chains), *target)
             plgpu.copy_smem_to_gmem(dq_smem.at[buf, c], dq_ref.at[target], reduction_op=op)
 
         pl.when(turn == 0)(lambda: add(None))
@@ -646,7 +632,7 @@ def _fused(
         produce()
         return
       # One count of adds done per (batch, query head, query tile).
-      counts = pl.get_global(plgpu.SemaphoreType.REGULAR((chains * b * n * (t // bq),)))
+      counts = pl.get_global(plgpu.SemaphoreType.REGULAR((b * n * (t // bq),)))
 
       @plgpu.warp_map
       def _(warp):
@@ -759,8 +745,6 @@ def _fused(
       plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dQ slabs added (writer warp)
     ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
-  if chains > 1:
-    acc_shape = (chains, b, t, n, h)
   grid = (b, kv_heads, s // bk)
   if stores_every_tile:
     dq_type = jax.ShapeDtypeStruct(acc_shape, jnp.float32)
@@ -773,8 +757,6 @@ def _fused(
     dq = dq_acc[...]
   if not reduce:
     dq = dq.sum(axis=0)
-  if chains > 1:  # in a fixed order
-    dq = functools.reduce(operator.add, [dq[c] for c in range(chains)])
   return (dq * scale).astype(dtype), dk, dv
 
 
