@@ -518,13 +518,12 @@ def _fused(
   ``dq_contributors``), waits for its add to land, and counts it in; the lowest block
   of a tile takes the count back to zero for the next call. The highest block (turn 0)
   stores instead of adding, so the buffer is not zeroed first unless some query tile
-  has no key block at all (a mask that hides whole tiles; its dQ must be zeros). That
-  waiting is done by a
-  writer warp of the producer warpgroup (``plgpu.warp_map``: warp 0 fetches, warp 1
-  writes dQ), to which the consumers hand their slabs through a double-buffered tile,
-  so they only wait if it falls two tiles behind. The key-block grid axis is launched
-  from the last block down, so a block only waits for blocks launched before it.
-  Query tiles are visited upward: with a causal mask block ``j`` starts at its
+  has no key block at all (a mask that hides whole tiles; its dQ must be zeros). The
+  waiting is done by a writer warp of the producer warpgroup (``plgpu.warp_map``: warp
+  0 fetches, warp 1 writes dQ), to which the consumers hand their slabs through a
+  double-buffered tile, so they only wait if it falls two tiles behind. The key-block
+  grid axis is launched from the last block down, so a block only waits for blocks
+  launched before it. Query tiles are visited upward: with a causal mask block ``j`` starts at its
   diagonal, which no higher block sees, and reaches each later tile some steps after
   block ``j + 1`` did, so it need not wait (adding in increasing order instead makes
   every block wait for the whole chain below it before its first add). The price,
@@ -587,7 +586,7 @@ def _fused(
     def write_dq(counts):
       """The dQ writer (one warp of the producer warpgroup, ordered path): adds the
       consumers' slabs of each tile once it is this key block's turn (the first block
-      of a tile, turn 0, stores them: the buffer starts uninitialized)."""
+      of a tile, turn 0, stores them: the buffer need not start at zero)."""
 
       def step(st, carry):
         g, i = _query_tile(st, lo, num_q)
