@@ -244,6 +244,14 @@ def forward(
         p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_shift, sc.shape, [0]))
         return m_new, alpha, p
 
+      def pv_operand(p16):
+        """P as the P·V product's operand: from registers, or stored to shared memory."""
+        if p_in_registers:
+          return p16
+        p_smem.at[wg][...] = p16
+        plgpu.commit_smem()
+        return p_smem.at[wg]
+
       def step(j, carry, masked: bool):
         m, denom, acc = carry
         slot = slot_of(j)
@@ -272,23 +280,18 @@ def forward(
           plgpu.barrier_wait(v_bars.at[slot])
           if schedule:
             plgpu.barrier_wait(turn)
+        operand = pv_operand(p16)
+
+        def values(acc_ref):
+          plgpu.wgmma(acc_ref, operand, v_smem.at[slot])
+          wait_next_k()
+          if not p_in_registers:
+            return acc_ref[...]
+
         if p_in_registers:
-
-          def values(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-            wait_next_k()
-
           with jax.named_scope("c_pv"):
             acc = pl.run_state(values)(plgpu.ACC.init(acc))
         else:
-          p_smem.at[wg][...] = p16
-          plgpu.commit_smem()
-
-          def values(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-            wait_next_k()
-            return acc_ref[...]
-
           acc = acc + pl.run_scoped(values, plgpu.ACC((ROWS, h), jnp.float32))
         plgpu.barrier_arrive(v_free.at[slot])
         return m_new, denom, acc
@@ -314,13 +317,6 @@ def forward(
         """Tile j's online softmax: new max, rescale factor, P, denominator."""
         m_new, alpha, p = probabilities(sc, j, m, masked)
         return m_new, alpha, p.astype(dtype) if convert else p, denom * alpha + p.sum(axis=1)
-
-      def pv_operand(p16):
-        if p_in_registers:
-          return p16
-        p_smem.at[wg][...] = p16
-        plgpu.commit_smem()
-        return p_smem.at[wg]
 
       def overlapped(n, carry, masked: bool):
         """Issue Q·K(n)ᵀ and P(n-1)·V(n-1), softmax tile n while the latter runs."""
