@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
@@ -81,19 +82,17 @@ def main(argv=None) -> int:
     ):
       if name not in opts.backwards:
         continue
-      run = jax.jit(
-        lambda *a, causal=causal, kv_len=kv_len, blocks=blocks, det=deterministic: bwd.kernels(
-          *a,
-          scale=h**-0.5,
-          spec=masks.MaskSpec(causal),
-          q_len=t,
-          kv_len=kv_len,
-          blocks=blocks,
-          p_in_registers=True,
-          interpret=False,
-          deterministic=det,
-        )
+      options = dict(
+        scale=h**-0.5,
+        spec=masks.MaskSpec(causal),
+        q_len=t,
+        kv_len=kv_len,
+        blocks=blocks,
+        p_in_registers=True,
+        interpret=False,
+        deterministic=deterministic,
       )
+      run = jax.jit(functools.partial(bwd.kernels, **options))
       work = flops(t, h, causal, True) / 3.5 * 2.5
       tflops, text = compile_and_time(run, (q, k, v, do, lse2, delta), work)
       print(f"| {label} | {name} | {tflops:.0f} | {' ; '.join(summarize(text))} |", flush=True)

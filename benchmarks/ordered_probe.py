@@ -65,7 +65,7 @@ def _no_wait(signal: bool = True, land: bool = True):
       stack.enter_context(mock.patch.object(plgpu, "semaphore_signal", lambda *a, **k: None))
     if not land:
 
-      def read_only(n, wait_read_only=False):
+      def read_only(n, **_):  # any wait for stores only waits until they are read
         return wait_stores(n, wait_read_only=True)
 
       stack.enter_context(mock.patch.object(plgpu, "wait_smem_to_gmem", read_only))
