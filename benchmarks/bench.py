@@ -153,13 +153,17 @@ def _variant(impl: str):
   calls (jit caches key on the Problem, not on the table): "mosaic-twokernel",
   tuning.DETERMINISTIC_FUSED off; "mosaic-ordered", the ordered fused backward wherever
   the head dim has one, at every key length, causal or not; "mosaic-serial" /
-  "mosaic-pipelined", every head dim's forward with fwd_pipelined off / on."""
+  "mosaic-pipelined", every head dim's forward with fwd_pipelined off / on; "mosaic-qN",
+  every forward with N query tiles a CTA (tuning.forward_q_tiles)."""
   patches = {
     "mosaic-twokernel": lambda: mock.patch.object(tuning, "DETERMINISTIC_FUSED", False),
     "mosaic-ordered": _ordered_everywhere,
     "mosaic-serial": lambda: _forward_pipelined(False),
     "mosaic-pipelined": lambda: _forward_pipelined(True),
   }
+  if impl.startswith("mosaic-q") and impl[len("mosaic-q") :].isdigit():
+    q_tiles = int(impl[len("mosaic-q") :])
+    patches[impl] = lambda: mock.patch.object(tuning, "forward_q_tiles", lambda *_: q_tiles)
   if impl not in patches:
     yield
     return
@@ -220,9 +224,10 @@ def main(argv=None) -> int:
     help="default: every implementation that runs compiled here; also mosaic-fused "
     "(mosaic with deterministic_backward=False), mosaic-twokernel (the deterministic "
     "backward as two kernels), mosaic-ordered (the ordered fused backward at every "
-    "length, causal or not), and mosaic-serial / mosaic-pipelined (every forward with "
-    "that consumer loop); cudnn-det: cuDNN with xla_gpu_deterministic_ops (its "
-    "backward then adds dQ in a fixed order; by default it does not)",
+    "length, causal or not), mosaic-serial / mosaic-pipelined (every forward with "
+    "that consumer loop) and mosaic-qN (every forward with N query tiles a CTA); "
+    "cudnn-det: cuDNN with xla_gpu_deterministic_ops (its backward then adds dQ in a "
+    "fixed order; by default it does not)",
   )
   parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--out", help="write bench.json, bench.md and bench.png into this folder")

@@ -113,11 +113,19 @@ class MosaicBlocks:
   # softmax while P·V computes (FlashAttention-3's intra-warpgroup overlap); off: one
   # tile at a time. See _MOSAIC and _PIPELINED_MIN_KV for where it is on.
   fwd_pipelined: bool = False
+  # Forward query tiles (of 128 rows) a CTA runs one after the other, the next one's Q
+  # and key/value tiles loading while the current one computes. See forward_q_tiles.
+  fwd_q_tiles: int = 1
 
   def forward_options(self) -> dict:
     """The ``mosaic.forward.forward`` keyword arguments these blocks set (all but
     ``head_pairs``, which also depends on the call's GQA group)."""
-    return dict(block_kv=self.fwd_kv, stages=self.fwd_stages, pipelined=self.fwd_pipelined)
+    return dict(
+      block_kv=self.fwd_kv,
+      stages=self.fwd_stages,
+      pipelined=self.fwd_pipelined,
+      tiles_per_cta=self.fwd_q_tiles,
+    )
 
 
 # head_dim (64, 128 or 256) -> blocks, bf16/f16. From H100 sweeps at seqlen 4096
@@ -258,7 +266,23 @@ def mosaic_blocks(
     blocks = dataclasses.replace(blocks, fwd_kv=128)
   if blocks.fwd_pipelined and kv_len is not None and kv_len < _PIPELINED_MIN_KV:
     blocks = dataclasses.replace(blocks, fwd_pipelined=False)
+  q_tiles = forward_q_tiles(head_dim, causal, kv_len)
+  if q_tiles != blocks.fwd_q_tiles:
+    blocks = dataclasses.replace(blocks, fwd_q_tiles=q_tiles)
   return blocks
+
+
+# (head_dim, causal) -> ((shortest key length, query tiles a forward CTA), ...), longest
+# first: the first entry whose length kv_len reaches gives the count; none: 1.
+_FWD_Q_TILES: dict[tuple[int, bool], tuple[tuple[int, int], ...]] = {}
+
+
+def forward_q_tiles(head_dim: int, causal: bool, kv_len: int | None) -> int:
+  """Query tiles a forward CTA runs (``MosaicBlocks.fwd_q_tiles``); ``kv_len`` None: long."""
+  for min_kv, q_tiles in _FWD_Q_TILES.get((head_dim, causal), ()):
+    if kv_len is None or kv_len >= min_kv:
+      return q_tiles
+  return 1
 
 
 def mosaic_candidates(

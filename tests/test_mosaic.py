@@ -8,6 +8,7 @@ test_attention.py, where ``mosaic`` is one of the implementations.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -118,6 +119,47 @@ def test_forward_rows_without_keys(spec, q_len, kv_len, rows_without_keys, pipel
   assert not out[:, :rows_without_keys].any()
   assert np.all(lse[:, :, :rows_without_keys] == -np.inf)
   assert out[:, rows_without_keys:].any(axis=-1).all()  # the other rows are not zeroed
+
+
+@pytest.mark.parametrize("p_in_registers", P_PATHS)
+@pytest.mark.parametrize(
+  "t,s,kv_heads,spec,q_len,kv_len,tiles,pipelined",
+  [
+    # Four tiles a CTA, in the order last, first, second-last, second (one CTA a head).
+    (512, 512, 2, masks.MaskSpec(True), 500, 480, 4, False),
+    # The first three tiles see no key: CTAs whose first or second tile visits none.
+    (512, 256, 2, masks.MaskSpec(False, None, -384), 512, 256, 2, True),
+    # Three asked, two taken (four tiles); GQA; a window.
+    (512, 512, 1, masks.MaskSpec(True, 40, 17), 512, 512, 3, False),
+  ],
+)
+def test_forward_several_query_tiles_a_cta(
+  t, s, kv_heads, spec, q_len, kv_len, tiles, pipelined, p_in_registers, rng
+):
+  """A CTA running query tiles one after the other (the next one's Q and key/value tiles
+  loading during the current one) gives the reference's answer for every tile."""
+  q = normal(rng, (2, t, 2, 64), jnp.bfloat16)
+  k, v = (normal(rng, (2, s, kv_heads, 64), jnp.bfloat16) for _ in range(2))
+  options = dict(tiles_per_cta=tiles, pipelined=pipelined, p_in_registers=p_in_registers)
+  _check_forward(q, k, v, spec, q_len, kv_len, block_kv=128, **options)
+
+
+def test_forward_several_query_tiles_must_fit_shared_memory():
+  """Two Q buffers at head dim 256 do not fit beside the key/value ring: a clear error,
+  not a failed compile."""
+  q = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
+  run = functools.partial(
+    mosaic_forward.forward,
+    scale=0.1,
+    spec=masks.MaskSpec(),
+    q_len=256,
+    kv_len=256,
+    block_kv=64,
+    tiles_per_cta=2,
+    interpret=False,
+  )
+  with pytest.raises(ValueError, match="shared memory"):
+    jax.eval_shape(run, q, q, q)
 
 
 def test_forward_kernel_rejects_ragged_shapes(rng):

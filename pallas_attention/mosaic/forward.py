@@ -49,6 +49,7 @@ ROWS = 64  # query rows per consumer warpgroup (one wgmma M)
 CONSUMERS = 2
 CTA_ROWS = ROWS * CONSUMERS
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
 
 
 def interpreting() -> bool:
@@ -109,6 +110,7 @@ def forward(
   pipelined: bool = False,
   p_in_registers: bool | None = None,
   head_pairs: bool = False,
+  tiles_per_cta: int = 1,
   interpret: bool | None = None,
 ):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32, -inf for empty rows).
@@ -127,6 +129,14 @@ def forward(
   intra-warpgroup overlap, on top of the two warpgroups' ping-pong); the output
   is rescaled once that product has landed. Off: one tile at a time.
 
+  ``tiles_per_cta``: query tiles (of 128 rows) each CTA runs one after the other, so that
+  the next tile's Q and first key/value tiles load while the current one computes and
+  its output is stored (short sequences, where a CTA's loads and stores are much of its
+  time). A head's tiles go out in the order last, first, second-last, second, ..., so
+  that under a causal mask two consecutive tiles have equal work. The largest divisor
+  of the number of query tiles that is at most ``tiles_per_cta`` is taken; 1 with
+  ``head_pairs``.
+
   ``interpret``: run in the Mosaic GPU interpreter (default: on a CPU backend).
   False on a CPU still traces and lowers for CUDA (``lowering_platforms=("cuda",)``).
   """
@@ -139,11 +149,23 @@ def forward(
     raise ValueError(f"mosaic forward: head_pairs needs an even GQA group, not {groups}")
   cta_rows = ROWS if head_pairs else CTA_ROWS
   num_q_tiles = t // cta_rows
+  items = (
+    1 if head_pairs else max(d for d in range(1, max(tiles_per_cta, 1) + 1) if num_q_tiles % d == 0)
+  )
   dtype = q.dtype
   if interpret is None:
     interpret = interpreting()
   if p_in_registers is None:
     p_in_registers = not interpret
+  if items > 1:  # the second Q buffer must fit beside the key/value ring
+    size = jnp.dtype(dtype).itemsize
+    smem = (2 * CTA_ROWS + 2 * stages * block_kv) * h * size
+    smem += 0 if p_in_registers else CTA_ROWS * block_kv * size
+    if smem > SMEM_BYTES:
+      raise ValueError(
+        f"mosaic forward: {items} query tiles a CTA at head dim {h} with {stages} stages of "
+        f"{block_kv} key rows need {smem} bytes of shared memory (over {SMEM_BYTES})"
+      )
   log2_scale = scale * tiles.LOG2E
   # Masked loops are compiled only for the runs of partly visible key tiles that the
   # mask can produce (before or after the fully visible ones); non-causal: one loop.
@@ -154,6 +176,8 @@ def forward(
     # turn: the serial schedule's two-arrival barrier; pipelined, one one-arrival
     # barrier per consumer ("your turn to issue products").
     p_smem = None if p_in_registers else scratch[10]
+    # Several query tiles a CTA: Q buffer b is free again (both consumers' O stored).
+    q_free = scratch[-1] if items > 1 else None
     wg = lax.axis_index("wg")
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     if head_pairs:  # grid axis "heads" counts pairs; warpgroup w takes head 2·pair + w
@@ -161,39 +185,89 @@ def forward(
     kv_head = lax.div(head, jnp.array(groups, head.dtype))
     if head_pairs:
       head = head + jnp.minimum(wg, CONSUMERS - 1)
-    cta_start = (num_q_tiles - 1 - lax.axis_index("q")) * cta_rows
-    lo, _, _, hi = masks.kv_block_range(cta_start, cta_rows, block_kv, spec, q_len, kv_len)
-    num_steps = hi - lo
+
+    def kv_range(r):
+      """The first row of the CTA's r-th query tile, and the key tiles it visits."""
+      if items == 1:  # last-first: under a causal mask the longest CTAs start first
+        start = (num_q_tiles - 1 - lax.axis_index("q")) * cta_rows
+      else:  # a head's tiles ordered last, first, second-last, second, ...
+        pos = lax.axis_index("q") * items + r
+        half = lax.div(pos, jnp.array(2, pos.dtype))
+        even = lax.rem(pos, jnp.array(2, pos.dtype)) == 0
+        start = jnp.where(even, num_q_tiles - 1 - half, half) * cta_rows
+      lo, _, _, hi = masks.kv_block_range(start, cta_rows, block_kv, spec, q_len, kv_len)
+      return start, lo, hi
+
+    def q_tile(buf, w):  # consumer w's Q (then O) buffer
+      return qo_smem.at[buf, w] if items > 1 else qo_smem.at[w]
+
+    def q_bar(buf, w):
+      return q_bars.at[buf * CONSUMERS + w] if buf else q_bars.at[w]
+
+    # One query tile a CTA: its range once, for both warpgroup roles.
+    tile0 = kv_range(0) if items == 1 else None
+    steps0 = tile0[2] - tile0[1] if items == 1 else None
 
     def take_turn():
       if schedule:
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
 
-    @pl.when(wg == CONSUMERS)
-    def _producer():
-      if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
+    def produce(r, done):
+      """Copy the r-th query tile (several a CTA) and its key/value tiles; ``done``:
+      key tiles fetched before it (a traced count after the first tile)."""
+      start, lo, hi = tile0 if items == 1 else kv_range(r)
+      num_steps = steps0 if items == 1 else hi - lo
+      if items > 1:
+        buf = r % 2
+        if r >= 2:
+          plgpu.barrier_wait(q_free.at[buf])
+        for w in range(CONSUMERS):
+          rows = pl.ds(start + w * ROWS, ROWS)
+          plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile(buf, w), q_bar(buf, w))
 
       def fetch(step, slot):
         cols = (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
 
-      with jax.named_scope("p_fill"):
-        for slot in range(stages):
-          pl.when(slot < num_steps)(lambda slot=slot: fetch(slot, slot))
+      if r == 0:
+        with jax.named_scope("p_fill"):
+          for slot in range(stages):
+            pl.when(slot < num_steps)(lambda slot=slot: fetch(slot, slot))
 
-      def refill(step, carry):
+        def refill(step, carry):
+          slot = lax.rem(step, jnp.array(stages, step.dtype))
+          cols = (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
+          plgpu.barrier_wait(k_free.at[slot])
+          plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
+          plgpu.barrier_wait(v_free.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
+          return carry
+
+        lax.fori_loop(jnp.minimum(stages, num_steps), num_steps, refill, 0)
+        return num_steps
+
+      def refill_on(step, carry):  # step counts the CTA's key tiles
         slot = lax.rem(step, jnp.array(stages, step.dtype))
-        cols = (batch, pl.ds((lo + step) * block_kv, block_kv), kv_head)
-        plgpu.barrier_wait(k_free.at[slot])
+        cols = (batch, pl.ds((lo + step - done) * block_kv, block_kv), kv_head)
+        ring_full = step >= stages
+        pl.when(ring_full)(lambda: plgpu.barrier_wait(k_free.at[slot]))
         plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
+        pl.when(ring_full)(lambda: plgpu.barrier_wait(v_free.at[slot]))
         plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
         return carry
 
-      lax.fori_loop(jnp.minimum(stages, num_steps), num_steps, refill, 0)
+      lax.fori_loop(done, done + num_steps, refill_on, 0)
+      return done + num_steps
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+      if not interpret:
+        plgpu.set_max_registers(40, action="decrease")
+      done = 0  # key tiles fetched for the CTA's earlier query tiles
+      for r in range(items):
+        done = produce(r, done)
 
       # Observe the consumers' last releases, so that every barrier phase has
       # been seen by each warpgroup that waits on it (the interpreter checks).
@@ -203,28 +277,33 @@ def forward(
         plgpu.barrier_wait(v_free.at[slot])
         return carry
 
-      lax.fori_loop(jnp.maximum(num_steps - stages, 0), num_steps, drain, 0)
+      lax.fori_loop(jnp.maximum(done - stages, 0), done, drain, 0)
+      for r in range(max(items - 2, 0), items if items > 1 else 0):
+        plgpu.barrier_wait(q_free.at[r % 2])
 
-    @pl.when(wg < CONSUMERS)
-    def _consumer():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
-      q_smem = qo_smem.at[wg]
+    def consume(r, done):
+      """One consumer's work on the CTA's r-th query tile; returns ``done`` updated."""
+      cta_start, lo, hi = tile0 if items == 1 else kv_range(r)
+      buf = r % 2 if items > 1 else 0
+      q_smem = q_tile(buf, wg)
       q_start = cta_start if head_pairs else cta_start + wg * ROWS
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, ROWS), head], q_smem, q_bars.at[wg])
+      if items == 1:  # several: the producer loads them
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, ROWS), head], q_smem, q_bars.at[wg])
       _, full_lo, full_hi, _ = masks.kv_block_range(q_start, ROWS, block_kv, spec, q_len, kv_len)
       full_lo = jnp.clip(full_lo, lo, hi)
       full_hi = jnp.clip(full_hi, full_lo, hi)
       with jax.named_scope("c_qwait"):
-        plgpu.barrier_wait(q_bars.at[wg])
+        plgpu.barrier_wait(q_bar(buf, wg))
 
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row_layout)
       denom = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
       acc = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
 
-      def slot_of(j):
-        return lax.rem(j - lo, jnp.array(stages, j.dtype))
+      def slot_of(j):  # ring slots count on from the CTA's earlier query tiles
+        return lax.rem(j - lo if r == 0 else j - lo + done, jnp.array(stages, j.dtype))
+
+      first = 0 if r == 0 else slot_of(lo)  # the slot of this tile's first key tile
 
       def mask_scores(sc, j):
         shape, layout = (ROWS, block_kv), plgpu.Layout.WGMMA
@@ -297,7 +376,7 @@ def forward(
         return m_new, denom, acc
 
       def run_serial(m, denom, acc):
-        pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[0]))
+        pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[first]))
         pl.when(wg == 1)(take_turn)
         carry = _key_runs(lo, full_lo, full_hi, hi, (lead, trail), step, (m, denom, acc))
         pl.when(wg == 0)(take_turn)
@@ -373,17 +452,17 @@ def forward(
 
       def run_pipelined(m, denom, acc):
         # The first tile: its scores and softmax alone.
-        plgpu.barrier_wait(k_bars.at[0])
+        plgpu.barrier_wait(k_bars.at[first])
         pl.when(wg == 1)(pass_turn)  # consumer 0 issues first
 
         def first_scores(s_ref):
-          plgpu.wgmma(s_ref, q_smem, k_smem.at[0].transpose((1, 0)))
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[first].transpose((1, 0)))
           pass_turn()
           return s_ref[...]
 
         my_turn()
         sc = pl.run_scoped(first_scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[0])
+        plgpu.barrier_arrive(k_free.at[first])
         if lead or trail:
           first_masked = (full_lo > lo) | (full_hi == lo)
           m, _, p16, denom = lax.cond(
@@ -430,20 +509,36 @@ def forward(
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
           plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
-          plgpu.wait_smem_to_gmem(0)
+          if items == 1 or r == items - 1:
+            plgpu.wait_smem_to_gmem(0)
+          else:  # the Q buffer and lse_smem are free once read
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          if items > 1:
+            plgpu.barrier_arrive(q_free.at[buf])
 
       if pipelined:  # a CTA that visits no key tile (lo == hi) skips the loop entirely
         pl.when(lo < hi)(lambda: finish(*run_pipelined(m, denom, acc)))
         pl.when(lo >= hi)(lambda: finish(m, denom, acc))
       else:
         finish(*run_serial(m, denom, acc))
+      return hi - lo if r == 0 else done + hi - lo
 
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      done = 0  # key tiles consumed for the CTA's earlier query tiles
+      for r in range(items):
+        done = consume(r, done)
+
+  # Q, then O; several tiles a CTA: two buffers, the next tile's Q loads into the other.
+  q_shape = (CONSUMERS, ROWS, h) if items == 1 else (2, CONSUMERS, ROWS, h)
   scratch = [
-    plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED),  # Q, then O
+    plgpu.SMEM(q_shape, dtype, transforms=_SWIZZLED),
     plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
     plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
     plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
-    plgpu.Barrier(num_barriers=CONSUMERS),
+    plgpu.Barrier(num_barriers=CONSUMERS * (1 if items == 1 else 2)),  # Q landed
     plgpu.Barrier(num_barriers=stages),
     plgpu.Barrier(num_barriers=stages),
     plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
@@ -453,12 +548,14 @@ def forward(
   ]
   if not p_in_registers:
     scratch.append(plgpu.SMEM((CONSUMERS, ROWS, block_kv), dtype, transforms=_SWIZZLED))
+  if items > 1:  # Q buffer b's outputs stored (both consumers)
+    scratch.append(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2))
   kernel_call = plgpu.kernel(
     kernel,
     out_type=[q, jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
     # Mosaic GPU launches the last grid axis fastest: CTAs of one head's query
     # tiles run side by side and share its K/V tiles in L2.
-    grid=(b, n // 2 if head_pairs else n, num_q_tiles),
+    grid=(b, n // 2 if head_pairs else n, num_q_tiles // items),
     grid_names=("batch", "heads", "q"),
     num_threads=CONSUMERS + 1,
     thread_name="wg",
