@@ -176,8 +176,9 @@ def forward(
     # turn: the serial schedule's two-arrival barrier; pipelined, one one-arrival
     # barrier per consumer ("your turn to issue products").
     p_smem = None if p_in_registers else scratch[10]
-    # Several query tiles a CTA: Q buffer b is free again (both consumers' O stored).
-    q_free = scratch[-1] if items > 1 else None
+    # Several query tiles a CTA: the second Q buffer, and "Q buffer b is free again"
+    # (both consumers' O stored from it).
+    q_second, q_free = scratch[-2:] if items > 1 else (None, None)
     wg = lax.axis_index("wg")
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     if head_pairs:  # grid axis "heads" counts pairs; warpgroup w takes head 2·pair + w
@@ -199,7 +200,9 @@ def forward(
       return start, lo, hi
 
     def q_tile(buf, w):  # consumer w's Q (then O) buffer
-      return qo_smem.at[buf, w] if items > 1 else qo_smem.at[w]
+      # Two allocations rather than one indexed by buf: a constant index captured by the
+      # pipelined loop's pl.run_state does not lower (Mosaic GPU, jax 0.11.2).
+      return (q_second if buf else qo_smem).at[w]
 
     def q_bar(buf, w):
       return q_bars.at[buf * CONSUMERS + w] if buf else q_bars.at[w]
@@ -531,10 +534,8 @@ def forward(
       for r in range(items):
         done = consume(r, done)
 
-  # Q, then O; several tiles a CTA: two buffers, the next tile's Q loads into the other.
-  q_shape = (CONSUMERS, ROWS, h) if items == 1 else (2, CONSUMERS, ROWS, h)
   scratch = [
-    plgpu.SMEM(q_shape, dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED),  # Q, then O
     plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
     plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
     plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
@@ -548,7 +549,8 @@ def forward(
   ]
   if not p_in_registers:
     scratch.append(plgpu.SMEM((CONSUMERS, ROWS, block_kv), dtype, transforms=_SWIZZLED))
-  if items > 1:  # Q buffer b's outputs stored (both consumers)
+  if items > 1:  # a second Q buffer: the next tile's Q loads while this one computes
+    scratch.append(plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED))
     scratch.append(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2))
   kernel_call = plgpu.kernel(
     kernel,
