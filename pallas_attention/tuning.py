@@ -273,8 +273,22 @@ def mosaic_blocks(
 
 
 # (head_dim, causal) -> ((shortest key length, query tiles a forward CTA), ...), longest
-# first: the first entry whose length kv_len reaches gives the count; none: 1.
-_FWD_Q_TILES: dict[tuple[int, bool], tuple[tuple[int, int], ...]] = {}
+# first: the first entry whose length kv_len reaches gives the count; none: 1. H100, two
+# calls (results/s9_qtiles), forward TFLOP/s with 1 / 2 / 4 tiles a CTA: head dim 64
+# non-causal 286-292 / 323-324 / 320-331 at 512, 372-381 / 385-402 / 400-411 at 1k,
+# 445 / 452 / 448-452 at 2k, 475 / 491 / 483 at 8k, 490-501 / 481-494 / 475-483 at 16k;
+# causal 171-174 / 190-195 / 190-195 at 512, 258-260 / 267 / 280-282 at 1k, 390-394 /
+# 400-401 / 402-403 at 4k, 445 / 443 / 391 at 8k, 464-480 / 455-459 / 424-440 at 16k.
+# Head dim 128 (1 / 2): non-causal 408-420 / 429-443 at 512, 510 / 537-543 at 1k, 605 /
+# 619 at 2k, 648 / 639 at 4k; causal 383 / 385 at 1k, 479 / 512 at 2k, 576 / 587 at 4k,
+# 618 / 623 at 8k, 645 / 619 at 16k. Head dim 256: two Q buffers do not fit in shared
+# memory beside its key/value ring.
+_FWD_Q_TILES: dict[tuple[int, bool], tuple[tuple[int, int], ...]] = {
+  (64, False): ((16384, 1), (2048, 2), (0, 4)),
+  (64, True): ((8192, 1), (0, 4)),
+  (128, False): ((4096, 1), (0, 2)),
+  (128, True): ((16384, 1), (0, 2)),
+}
 
 
 def forward_q_tiles(head_dim: int, causal: bool, kv_len: int | None) -> int:
@@ -300,7 +314,7 @@ def mosaic_candidates(
   Mosaic GPU interpreter on CPU, where only one-consumer backward blocks run
   reliably (see MOSAIC_INTERPRETER) and each call takes seconds: two candidates.
   ``fwd_kv``: the forward key-tile rows tried on a GPU (each with 2 and 3 stages, one
-  tile at a time and pipelined).
+  tile at a time and pipelined; with 2 stages also 2 and 4 query tiles a CTA).
   ``fused``: backward candidates of the fused kernel (``fused_backward``) where the
   head dim has one, and only those.
   """
@@ -316,10 +330,13 @@ def mosaic_candidates(
     return [base, dataclasses.replace(base, bwd_stages=3), one_consumer]
   if part == "fwd":
     return [
-      dataclasses.replace(base, fwd_kv=kv, fwd_stages=stages, fwd_pipelined=pipelined)
+      dataclasses.replace(
+        base, fwd_kv=kv, fwd_stages=stages, fwd_pipelined=pipelined, fwd_q_tiles=q_tiles
+      )
       for kv in fwd_kv
       for stages in (2, 3)
       for pipelined in (False, True)
+      for q_tiles in ((1, 2, 4) if stages == 2 else (1,))
     ]
   return [
     dataclasses.replace(base, dkv_q=dkv_q, dkv_kv=dkv_kv, dq_q=dq_q, dq_kv=dq_kv, bwd_stages=st)

@@ -183,6 +183,20 @@ def test_block_table_short_and_long_keys():
   assert not tuning.mosaic_blocks(128, kv_len=1024).fwd_pipelined
   assert not tuning.mosaic_blocks(256, causal=True, kv_len=512).fwd_pipelined
   assert not tuning.mosaic_blocks(64).fwd_pipelined
+  # Query tiles a forward CTA: several for short keys, one for long ones (head dim 256:
+  # one, its second Q buffer would not fit).
+  q_tiles = {
+    (hd, causal, kv): tuning.mosaic_blocks(hd, causal=causal, kv_len=kv).fwd_q_tiles
+    for hd in (64, 128, 256)
+    for causal in (False, True)
+    for kv in (512, 2048, 4096, 8192, 16384, None)
+  }
+  assert q_tiles[64, False, 512] == 4 and q_tiles[64, False, 2048] == 2
+  assert q_tiles[64, True, 4096] == 4 and q_tiles[64, True, 8192] == 1
+  assert q_tiles[128, False, 2048] == 2 and q_tiles[128, False, 4096] == 1
+  assert q_tiles[128, True, 8192] == 2 and q_tiles[128, True, 16384] == 1
+  assert all(q_tiles[hd, c, None] == 1 for hd in (64, 128, 256) for c in (False, True))
+  assert all(q_tiles[256, c, kv] == 1 for c in (False, True) for kv in (512, 16384))
   # deterministic_backward=False: fused backward blocks at head dims 64 and 128 only.
   assert not tuning.mosaic_blocks(128).bwd_fused
   assert tuning.mosaic_blocks(64, fused=True).bwd_fused
