@@ -25,7 +25,9 @@ from masks.kv_block_range; the mask itself is masks.visible on register tiles.
 The lengths are static here (the wrapper falls back to another implementation
 when the caller gives per-batch lengths); padded rows and columns are masked by
 them. Query tiles run last-first, so under a causal mask the longest CTAs start
-first.
+first. With ``tiles_per_cta`` > 1 a CTA runs several query tiles of its head in turn
+(short sequences): the producer loads the next one's Q into a second buffer and its
+key/value tiles on through the same ring while the consumers finish the current one.
 
 ``p_in_registers``: on the GPU, P stays in registers as the left operand of the
 P·V ``wgmma``. The Mosaic GPU interpreter (CPU) does not take a register
