@@ -178,8 +178,9 @@ def forward(
     # turn: the serial schedule's two-arrival barrier; pipelined, one one-arrival
     # barrier per consumer ("your turn to issue products").
     p_smem = None if p_in_registers else scratch[10]
-    # Several query tiles a CTA: "Q buffer b is free again" (both consumers' O stored).
-    q_free = scratch[-1] if items > 1 else None
+    # Several query tiles a CTA: the second Q buffer, and "Q buffer b is free again"
+    # (both consumers' O stored from it).
+    q_second, q_free = scratch[-2:] if items > 1 else (None, None)
     wg = lax.axis_index("wg")
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     if head_pairs:  # grid axis "heads" counts pairs; warpgroup w takes head 2·pair + w
@@ -200,18 +201,13 @@ def forward(
       lo, _, _, hi = masks.kv_block_range(start, cta_rows, block_kv, spec, q_len, kv_len)
       return start, lo, hi
 
-    # Q buffer ``buf`` (several tiles a CTA: 0 or 1, alternating) of consumer w, and the
-    # barrier its copy lands on. The consumers index with their traced warpgroup index:
-    # a constant index captured by the pipelined loop's pl.run_state does not lower
-    # (Mosaic GPU, jax 0.11.2).
-    def q_index(buf, w):
-      return w if isinstance(buf, int) and buf == 0 else buf * CONSUMERS + w
-
-    def q_tile(buf, w):
-      return qo_smem.at[q_index(buf, w)]
+    def q_tile(buf, w):  # consumer w's Q (then O) buffer
+      # Two allocations rather than one indexed by buf: a constant index captured by the
+      # pipelined loop's pl.run_state does not lower (Mosaic GPU, jax 0.11.2).
+      return (q_second if buf else qo_smem).at[w]
 
     def q_bar(buf, w):
-      return q_bars.at[q_index(buf, w)]
+      return q_bars.at[buf * CONSUMERS + w] if buf else q_bars.at[w]
 
     # One query tile a CTA: its range once, for both warpgroup roles.
     tile0 = kv_range(0) if items == 1 else None
@@ -222,19 +218,15 @@ def forward(
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
 
-    # The CTA's first query tile is traced on its own (r = 0, a Python int: its ring
-    # starts empty); the others, several a CTA, in one loop (r traced), so that the
-    # kernel's code does not grow with their number.
     def produce(r, done):
       """Copy the r-th query tile (several a CTA) and its key/value tiles; ``done``:
-      key tiles fetched before it."""
-      first = isinstance(r, int)
+      key tiles fetched before it (a traced count after the first tile)."""
       start, lo, hi = tile0 if items == 1 else kv_range(r)
       num_steps = steps0 if items == 1 else hi - lo
       if items > 1:
-        buf = 0 if first else lax.rem(r, 2)
-        if not first:  # wait until tile r - 2's outputs have left this buffer
-          pl.when(r >= 2)(lambda: plgpu.barrier_wait(q_free.at[buf]))
+        buf = r % 2
+        if r >= 2:
+          plgpu.barrier_wait(q_free.at[buf])
         for w in range(CONSUMERS):
           rows = pl.ds(start + w * ROWS, ROWS)
           plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile(buf, w), q_bar(buf, w))
@@ -244,7 +236,7 @@ def forward(
         plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bars.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bars.at[slot])
 
-      if first:
+      if r == 0:
         with jax.named_scope("p_fill"):
           for slot in range(stages):
             pl.when(slot < num_steps)(lambda slot=slot: fetch(slot, slot))
@@ -278,9 +270,9 @@ def forward(
     def _producer():
       if not interpret:
         plgpu.set_max_registers(40, action="decrease")
-      done = produce(0, 0)  # key tiles fetched so far
-      if items > 1:
-        done = lax.fori_loop(1, items, produce, done)
+      done = 0  # key tiles fetched for the CTA's earlier query tiles
+      for r in range(items):
+        done = produce(r, done)
 
       # Observe the consumers' last releases, so that every barrier phase has
       # been seen by each warpgroup that waits on it (the interpreter checks).
@@ -296,9 +288,8 @@ def forward(
 
     def consume(r, done):
       """One consumer's work on the CTA's r-th query tile; returns ``done`` updated."""
-      first = isinstance(r, int)
       cta_start, lo, hi = tile0 if items == 1 else kv_range(r)
-      buf = 0 if first else lax.rem(r, 2)
+      buf = r % 2 if items > 1 else 0
       q_smem = q_tile(buf, wg)
       q_start = cta_start if head_pairs else cta_start + wg * ROWS
       if items == 1:  # several: the producer loads them
@@ -315,9 +306,9 @@ def forward(
       acc = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
 
       def slot_of(j):  # ring slots count on from the CTA's earlier query tiles
-        return lax.rem(j - lo if first else j - lo + done, jnp.array(stages, j.dtype))
+        return lax.rem(j - lo if r == 0 else j - lo + done, jnp.array(stages, j.dtype))
 
-      slot_lo = 0 if first else slot_of(lo)  # the slot of this tile's first key tile
+      first = 0 if r == 0 else slot_of(lo)  # the slot of this tile's first key tile
 
       def mask_scores(sc, j):
         shape, layout = (ROWS, block_kv), plgpu.Layout.WGMMA
@@ -390,7 +381,7 @@ def forward(
         return m_new, denom, acc
 
       def run_serial(m, denom, acc):
-        pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[slot_lo]))
+        pl.when(lo < hi)(lambda: plgpu.barrier_wait(k_bars.at[first]))
         pl.when(wg == 1)(take_turn)
         carry = _key_runs(lo, full_lo, full_hi, hi, (lead, trail), step, (m, denom, acc))
         pl.when(wg == 0)(take_turn)
@@ -466,17 +457,17 @@ def forward(
 
       def run_pipelined(m, denom, acc):
         # The first tile: its scores and softmax alone.
-        plgpu.barrier_wait(k_bars.at[slot_lo])
+        plgpu.barrier_wait(k_bars.at[first])
         pl.when(wg == 1)(pass_turn)  # consumer 0 issues first
 
         def first_scores(s_ref):
-          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_lo].transpose((1, 0)))
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[first].transpose((1, 0)))
           pass_turn()
           return s_ref[...]
 
         my_turn()
         sc = pl.run_scoped(first_scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot_lo])
+        plgpu.barrier_arrive(k_free.at[first])
         if lead or trail:
           first_masked = (full_lo > lo) | (full_hi == lo)
           m, _, p16, denom = lax.cond(
@@ -523,10 +514,11 @@ def forward(
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
           plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
-          if items == 1:
+          if items == 1 or r == items - 1:
             plgpu.wait_smem_to_gmem(0)
           else:  # the Q buffer and lse_smem are free once read
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          if items > 1:
             plgpu.barrier_arrive(q_free.at[buf])
 
       if pipelined:  # a CTA that visits no key tile (lo == hi) skips the loop entirely
@@ -534,25 +526,22 @@ def forward(
         pl.when(lo >= hi)(lambda: finish(m, denom, acc))
       else:
         finish(*run_serial(m, denom, acc))
-      return hi - lo if first else done + hi - lo
+      return hi - lo if r == 0 else done + hi - lo
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
       if not interpret:
         plgpu.set_max_registers(232, action="increase")
-      done = consume(0, 0)  # key tiles consumed so far
-      if items > 1:
-        lax.fori_loop(1, items, consume, done)
-        plgpu.wait_smem_to_gmem(0)  # the last tile's outputs have landed
+      done = 0  # key tiles consumed for the CTA's earlier query tiles
+      for r in range(items):
+        done = consume(r, done)
 
-  # Q, then O; several tiles a CTA: two buffers, the next tile's Q loads into the other.
-  q_buffers = CONSUMERS * (1 if items == 1 else 2)
   scratch = [
-    plgpu.SMEM((q_buffers, ROWS, h), dtype, transforms=_SWIZZLED),
+    plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED),  # Q, then O
     plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
     plgpu.SMEM((stages, block_kv, h), dtype, transforms=_SWIZZLED),
     plgpu.SMEM((CONSUMERS, ROWS), jnp.float32),
-    plgpu.Barrier(num_barriers=q_buffers),  # Q landed
+    plgpu.Barrier(num_barriers=CONSUMERS * (1 if items == 1 else 2)),  # Q landed
     plgpu.Barrier(num_barriers=stages),
     plgpu.Barrier(num_barriers=stages),
     plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
@@ -562,7 +551,8 @@ def forward(
   ]
   if not p_in_registers:
     scratch.append(plgpu.SMEM((CONSUMERS, ROWS, block_kv), dtype, transforms=_SWIZZLED))
-  if items > 1:
+  if items > 1:  # a second Q buffer: the next tile's Q loads while this one computes
+    scratch.append(plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED))
     scratch.append(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2))
   kernel_call = plgpu.kernel(
     kernel,
