@@ -144,9 +144,9 @@ def test_forward_several_query_tiles_a_cta(
   _check_forward(q, k, v, spec, q_len, kv_len, block_kv=128, **options)
 
 
-def test_forward_several_query_tiles_must_fit_shared_memory():
+def test_forward_several_query_tiles_limits():
   """Two Q buffers at head dim 256 do not fit beside the key/value ring: a clear error,
-  not a failed compile."""
+  not a failed compile; nor do more tiles than the kernel unrolls."""
   q = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
   run = functools.partial(
     mosaic_forward.forward,
@@ -160,6 +160,10 @@ def test_forward_several_query_tiles_must_fit_shared_memory():
   )
   with pytest.raises(ValueError, match="shared memory"):
     jax.eval_shape(run, q, q, q)
+  # More tiles than the kernel unrolls: refused, not silently slow.
+  q = jax.ShapeDtypeStruct((1, 1024, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="tiles_per_cta=8"):
+    jax.eval_shape(functools.partial(run, block_kv=128, tiles_per_cta=8), q, q, q)
 
 
 def test_forward_kernel_rejects_ragged_shapes(rng):

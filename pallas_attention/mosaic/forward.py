@@ -52,6 +52,7 @@ CONSUMERS = 2
 CTA_ROWS = ROWS * CONSUMERS
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
+MAX_TILES_PER_CTA = 4
 
 
 def interpreting() -> bool:
@@ -137,7 +138,9 @@ def forward(
   time). A head's tiles go out in the order last, first, second-last, second, ..., so
   that under a causal mask two consecutive tiles have equal work. The largest divisor
   of the number of query tiles that is at most ``tiles_per_cta`` is taken; 1 with
-  ``head_pairs``.
+  ``head_pairs``. At most MAX_TILES_PER_CTA: each tile's code is traced on its own, and
+  the kernel's code grows with their number (on an H100, 8 tiles ran at half the speed
+  of 4, and 4 tiles of the pipelined loop 24% under 2; benchmarks/RESULTS.md).
 
   ``interpret``: run in the Mosaic GPU interpreter (default: on a CPU backend).
   False on a CPU still traces and lowers for CUDA (``lowering_platforms=("cuda",)``).
@@ -149,11 +152,11 @@ def forward(
   groups = n // kv_heads
   if head_pairs and groups % 2:
     raise ValueError(f"mosaic forward: head_pairs needs an even GQA group, not {groups}")
+  if not 1 <= tiles_per_cta <= MAX_TILES_PER_CTA:
+    raise ValueError(f"mosaic forward: tiles_per_cta={tiles_per_cta}, not 1..{MAX_TILES_PER_CTA}")
   cta_rows = ROWS if head_pairs else CTA_ROWS
   num_q_tiles = t // cta_rows
-  items = (
-    1 if head_pairs else max(d for d in range(1, max(tiles_per_cta, 1) + 1) if num_q_tiles % d == 0)
-  )
+  items = 1 if head_pairs else max(d for d in range(1, tiles_per_cta + 1) if num_q_tiles % d == 0)
   dtype = q.dtype
   if interpret is None:
     interpret = interpreting()
