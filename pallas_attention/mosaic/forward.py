@@ -140,7 +140,7 @@ def forward(
   of the number of query tiles that is at most ``tiles_per_cta`` is taken; 1 with
   ``head_pairs``. At most MAX_TILES_PER_CTA: each tile's code is traced on its own, and
   the kernel's code grows with their number (on an H100, 8 tiles ran at half the speed
-  of 4, and 4 tiles of the pipelined loop 24% under 2; benchmarks/RESULTS.md).
+  of 4, and 4 tiles of the pipelined loop 23% under 2; benchmarks/RESULTS.md).
 
   ``interpret``: run in the Mosaic GPU interpreter (default: on a CPU backend).
   False on a CPU still traces and lowers for CUDA (``lowering_platforms=("cuda",)``).
