@@ -79,7 +79,7 @@ CASES = [
   Case("large_logits", input_scale=8.0, t=200, s=230),
   Case("empty_rows_window", t=260, s=100, options=dict(local_window_size=(0, 0))),
   Case("bf16_causal", dtype=jnp.bfloat16, t=300, s=300, options=dict(is_causal=True)),
-  Case("f16_gqa", dtype=jnp.float16, heads=4, kv_heads=2, t=200, s=240),
+  Case("f16_gqa", dtype=jnp.float16, batch=1, heads=4, kv_heads=2, t=200, s=240),
   Case(
     "bf16_bias_lengths",
     dtype=jnp.bfloat16,

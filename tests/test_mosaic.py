@@ -123,23 +123,23 @@ def test_forward_rows_without_keys(spec, q_len, kv_len, rows_without_keys, pipel
 
 @pytest.mark.parametrize("p_in_registers", P_PATHS)
 @pytest.mark.parametrize(
-  "t,s,kv_heads,spec,q_len,kv_len,tiles,pipelined",
+  "batch,t,s,kv_heads,spec,q_len,kv_len,tiles,pipelined",
   [
     # Four tiles a CTA, in the order last, first, second-last, second (one CTA a head).
-    (512, 512, 2, masks.MaskSpec(True), 500, 480, 4, False),
+    (1, 512, 512, 2, masks.MaskSpec(True), 500, 480, 4, False),
     # The first three tiles see no key: CTAs whose first or second tile visits none.
-    (512, 256, 2, masks.MaskSpec(False, None, -384), 512, 256, 2, True),
+    (2, 512, 256, 2, masks.MaskSpec(False, None, -384), 512, 256, 2, True),
     # Three asked, two taken (four tiles); GQA; a window.
-    (512, 512, 1, masks.MaskSpec(True, 40, 17), 512, 512, 3, False),
+    (1, 512, 512, 1, masks.MaskSpec(True, 40, 17), 512, 512, 3, False),
   ],
 )
 def test_forward_several_query_tiles_a_cta(
-  t, s, kv_heads, spec, q_len, kv_len, tiles, pipelined, p_in_registers, rng
+  batch, t, s, kv_heads, spec, q_len, kv_len, tiles, pipelined, p_in_registers, rng
 ):
   """A CTA running query tiles one after the other (the next one's Q and key/value tiles
   loading during the current one) gives the reference's answer for every tile."""
-  q = normal(rng, (2, t, 2, 64), jnp.bfloat16)
-  k, v = (normal(rng, (2, s, kv_heads, 64), jnp.bfloat16) for _ in range(2))
+  q = normal(rng, (batch, t, 2, 64), jnp.bfloat16)
+  k, v = (normal(rng, (batch, s, kv_heads, 64), jnp.bfloat16) for _ in range(2))
   options = dict(tiles_per_cta=tiles, pipelined=pipelined, p_in_registers=p_in_registers)
   _check_forward(q, k, v, spec, q_len, kv_len, block_kv=128, **options)
 
