@@ -17,6 +17,11 @@ point as it is measured, then a table:
 - ``ord-noland``: ``ord-nosync`` with every wait for TMA stores relaxed to "read"
   (the writer frees its buffer once the adds have read it): what is left is the
   hand-over of the dQ slabs to the writer warp;
+- ``ord-pP``: the package default with the adds into a query tile counted in P parts
+  (``tuning.ORDERED_DQ_PARTS``: 2, one count per consumer slab; 4, per half slab);
+- ``ord-cCwW``: chunks of C key blocks beside other pairs, about W CTAs together, at
+  any key count, causal too (``ord-c64w128``: at 16k two pairs' halves start together);
+  ``ord-pPcCwW`` both;
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from unittest import mock
 
@@ -46,13 +52,34 @@ VARIANTS = {
 
 
 @contextlib.contextmanager
-def _chunks(size: int):
+def _chunks(size: int, wave: int | None = None):
   with (
     mock.patch.object(tuning, "ORDERED_CHUNK", size),
     mock.patch.object(tuning, "ORDERED_CHUNK_MAX_KV", 1 << 20),
     mock.patch.object(tuning, "ORDERED_CHUNK_CAUSAL", True),
+    mock.patch.object(tuning, "ORDERED_WAVE", wave or tuning.ORDERED_WAVE),
   ):
     yield
+
+
+@contextlib.contextmanager
+def _parts_and_chunks(parts: str, chunk: str, wave: str):
+  with contextlib.ExitStack() as stack:
+    if parts:
+      stack.enter_context(mock.patch.object(tuning, "ORDERED_DQ_PARTS", int(parts)))
+    if chunk:
+      stack.enter_context(_chunks(int(chunk), int(wave)))
+    yield
+
+
+def variant(name: str):
+  """The context of a probe variant, or None for a bench.py implementation."""
+  if name in VARIANTS:
+    return VARIANTS[name]()
+  match = re.fullmatch(r"ord-(?:p(\d+))?(?:c(\d+)w(\d+))?", name)
+  if match and any(match.groups()):
+    return _parts_and_chunks(*match.groups())
+  return None
 
 
 @contextlib.contextmanager
@@ -73,12 +100,13 @@ def _no_wait(signal: bool = True, land: bool = True):
 
 
 def measure(name: str, seqlen: int, head_dim: int, causal: bool) -> float | str:
-  if name not in VARIANTS:  # mosaic, mosaic-fused, cudnn, ...
+  context = variant(name)
+  if context is None:  # mosaic, mosaic-fused, cudnn, ...
     return bench.measure(name, seqlen, head_dim, causal, True)
   args = bench.inputs(seqlen, head_dim)
   jax.clear_caches()  # jit caches key on the Problem, not on the table
   try:
-    with bench._ordered_everywhere(), VARIANTS[name]():
+    with bench._ordered_everywhere(), context:
       seconds = bench.time_fn(bench._fn("mosaic", causal, True), args)
   finally:
     jax.clear_caches()

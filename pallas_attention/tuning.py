@@ -194,6 +194,10 @@ _FUSED_MIN_CAUSAL_KV = 4096
 # head dim 128 it is unchanged (466/502/539/547 at 2k-16k; before: 504 at 4k, 546 at
 # 16k, results/reversed_1/old.md). DETERMINISTIC_FUSED = False turns it off.
 DETERMINISTIC_FUSED = True
+# The ordered kernel's adds into a query tile's dQ are counted per tile (1), per consumer
+# slab (2) or per half slab (4): with more counts the next key block may add a part as
+# soon as this block's add of that part has landed, not the whole tile.
+ORDERED_DQ_PARTS = 1
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),

@@ -253,12 +253,16 @@ def _check_dq_turns(blocks, first, stop):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
+@pytest.mark.parametrize("parts", [1, 2, 4])
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, rng):
+def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, rng, monkeypatch):
   """Many key blocks add into each dQ tile (16 CTAs per head): five calls give the
   same bits (the semaphores also come back to zero after each call, or the next call
-  would wait forever or add out of order), close to the unordered kernel's dQ."""
+  would wait forever or add out of order), close to the unordered kernel's dQ; with
+  the adds counted per tile, per consumer slab or per half slab."""
+  monkeypatch.setattr(tuning, "ORDERED_DQ_PARTS", parts)
+  jax.clear_caches()  # backward_jit's cache keys on its arguments, not on the table
   b, t, n, kv_heads = 2, 2048, 4, 2
   q, k, v, do = _inputs(rng, b, t, t, n, kv_heads, h, jnp.bfloat16, t)
   lse2 = jnp.zeros((b, n, t), jnp.float32)  # any finite values: a fixed function of q, k, v
@@ -278,6 +282,7 @@ def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, rng):
   unordered = call(q, k, v, do, lse2, delta, deterministic=False)
   for name, x, y in zip("qkv", runs[0], unordered, strict=True):
     assert rel_err(x, y) < 1e-2, name
+  jax.clear_caches()
 
 
 def test_backward_fused_rejects_blocks_it_cannot_share_out(rng):
@@ -307,20 +312,23 @@ def test_backward_through_shared_memory(rng):
 
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the tests above run this path")
 @pytest.mark.parametrize(
-  "h,blocks,deterministic",
+  "h,blocks,deterministic,parts",
   [
-    (64, None, True),
-    (128, TALL, True),
-    (256, None, True),
-    (256, "no_split", True),
-    (64, FUSED_ROWS, True),
-    (64, FUSED_ROWS, False),
-    (128, FUSED_COLS, True),
-    (128, FUSED_COLS, False),
+    (64, None, True, 1),
+    (128, TALL, True, 1),
+    (256, None, True, 1),
+    (256, "no_split", True, 1),
+    (64, FUSED_ROWS, True, 1),
+    (64, FUSED_ROWS, True, 4),
+    (64, FUSED_ROWS, False, 1),
+    (128, FUSED_COLS, True, 1),
+    (128, FUSED_COLS, True, 2),
+    (128, FUSED_COLS, False, 1),
   ],
 )
-def test_register_path_lowers_for_cuda(h, blocks, deterministic):
+def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypatch):
   """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit."""
+  monkeypatch.setattr(tuning, "ORDERED_DQ_PARTS", parts)
   if blocks == "no_split":  # one warpgroup holding both dK and dV (it spills, but lowers)
     blocks = dataclasses.replace(tuning.mosaic_blocks(h), dkv_split=False)
   blocks = blocks or tuning.mosaic_blocks(h)
@@ -336,6 +344,16 @@ def test_register_path_lowers_for_cuda(h, blocks, deterministic):
   assert "mosaic_gpu" in text
   # The ordered fused kernel counts adds with global semaphores (a release add).
   assert ("red.release.gpu.global.add" in text) == (blocks.bwd_fused and deterministic)
+
+
+def test_ordered_dq_parts():
+  """The parts the ordered kernel counts apart cover each consumer's slab exactly."""
+  assert mosaic_bwd._dq_parts(2, 64, 1) == ()
+  assert mosaic_bwd._dq_parts(2, 64, 2) == ((0, 0, 64), (1, 0, 64))
+  assert mosaic_bwd._dq_parts(2, 64, 4) == ((0, 0, 32), (0, 32, 32), (1, 0, 32), (1, 32, 32))
+  for parts in (3, 8):
+    with pytest.raises(ValueError, match="ORDERED_DQ_PARTS"):
+      mosaic_bwd._dq_parts(2, 64, parts)
 
 
 def test_unsupported_inputs_raise(rng):

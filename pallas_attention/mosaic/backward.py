@@ -459,6 +459,29 @@ def _dq_turn(kv_block, first, stop):
   return stop - 1 - kv_block, kv_block == first, kv_block > first
 
 
+def _add_part(sem, source, target, turn, last, more) -> None:
+  """Once ``turn`` adds of this part are counted in ``sem``, store (turn 0) or add it;
+  the last adder takes the count back to zero."""
+  wait = functools.partial(plgpu.semaphore_wait, sem, turn, memory_scope="gpu")
+  pl.when((turn > 0) & more)(functools.partial(wait, decrement=False))
+  pl.when((turn > 0) & last)(functools.partial(wait, decrement=True))
+  pl.when(turn == 0)(lambda: plgpu.copy_smem_to_gmem(source, target))
+  pl.when(turn > 0)(lambda: plgpu.copy_smem_to_gmem(source, target, reduction_op="add"))
+
+
+def _dq_parts(consumers: int, slab_rows: int, parts: int) -> tuple:
+  """The parts of a query tile's dQ that the ordered kernel counts apart:
+  ``(consumer slab, first row, rows)`` each; () for one count per tile (``parts`` 1).
+  ``parts``: 1, one per consumer slab, or two per slab (row halves)."""
+  if parts == 1:
+    return ()
+  per_slab, rest = divmod(parts, consumers)
+  if rest or per_slab not in (1, 2) or slab_rows % (8 * per_slab):
+    raise ValueError(f"ORDERED_DQ_PARTS={parts}: 1, {consumers} or {2 * consumers}")
+  rows = slab_rows // per_slab
+  return tuple((c, u * rows, rows) for c in range(consumers) for u in range(per_slab))
+
+
 def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int, int]:
   """``(chunk, group)`` of the ordered fused kernel's launch order (``_ordered_cta``):
   ``chunk`` key blocks of a (batch, kv head) pair start together, beside the same
@@ -552,6 +575,7 @@ def _fused(
   # Ordered, each tile's first adder stores: the dQ buffer needs zeros only where a
   # tile has no key block to add into it.
   stores_every_tile = semaphores and dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1].all()
+  dq_parts = _dq_parts(consumers, slab_rows, tuning.ORDERED_DQ_PARTS) if semaphores else ()
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
@@ -594,6 +618,8 @@ def _fused(
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
         turn, last, more = _dq_turn(kv_block, first, stop)
+        if dq_parts:
+          return _write_parts(g, i, buf, head, turn, last, more, carry)
         sem = counts.at[(batch * n + head) * (t // bq) + i]
         plgpu.barrier_wait(dq_full.at[buf])
 
@@ -622,6 +648,25 @@ def _fused(
         plgpu.barrier_arrive(dq_free.at[buf])
         return carry
 
+      def _write_parts(g, i, buf, head, turn, last, more, carry):
+        """The same with a count per part of the tile (``dq_parts``): a part is added
+        once the block above has added that part, so the next block's first part can
+        go in while this block's later parts are still on their way."""
+        base = ((batch * n + head) * (t // bq) + i) * len(dq_parts)
+        plgpu.barrier_wait(dq_full.at[buf])
+        for p, (c, r, rows) in enumerate(dq_parts):
+          q_rows = pl.ds(i * bq + c * row_step + r, rows)
+          target = dq_ref.at[(batch, q_rows, head, pl.ds(c * col_step, slab_cols))]
+          source = dq_smem.at[buf, c, pl.ds(r, rows)]
+          _add_part(counts.at[base + p], source, target, turn, last, more)
+        for p in range(len(dq_parts)):
+          plgpu.wait_smem_to_gmem(len(dq_parts) - 1 - p)  # part p has landed
+          signal = functools.partial(plgpu.semaphore_signal, counts.at[base + p], 1)
+          pl.when(more)(functools.partial(signal, memory_scope="gpu"))
+
+        plgpu.barrier_arrive(dq_free.at[buf])
+        return carry
+
       lax.fori_loop(0, group * num_q, step, 0)
 
     @pl.when(wg == consumers)
@@ -631,7 +676,9 @@ def _fused(
         produce()
         return
       # One count of adds done per (batch, query head, query tile).
-      counts = pl.get_global(plgpu.SemaphoreType.REGULAR((b * n * (t // bq),)))
+      counts = pl.get_global(
+        plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * max(1, len(dq_parts)),))
+      )
 
       @plgpu.warp_map
       def _(warp):
