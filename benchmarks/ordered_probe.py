@@ -22,6 +22,9 @@ point as it is measured, then a table:
 - ``ord-cCwW``: chunks of C key blocks beside other pairs, about W CTAs together, at
   any key count, causal too (``ord-c64w128``: at 16k two pairs' halves start together);
   ``ord-pPcCwW`` both;
+- ``ord-stride32``: the counts one per 128-byte line (``tuning.ORDERED_SEM_STRIDE``);
+- ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
+  the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -48,7 +51,23 @@ VARIANTS = {
   "ord-nowait": lambda: _no_wait(),
   "ord-nosync": lambda: _no_wait(signal=False),
   "ord-noland": lambda: _no_wait(signal=False, land=False),
+  "ord-stride32": lambda: mock.patch.object(tuning, "ORDERED_SEM_STRIDE", 32),
+  "ord-poll0": lambda: _poll_zero(),
 }
+
+
+@contextlib.contextmanager
+def _poll_zero():
+  """Each semaphore wait polls once for a count of 0 (which holds at once) and
+  decrements nothing: the writer's round trip to the count stays, the order goes
+  (a diagnostic, as ord-nowait)."""
+  wait = plgpu.semaphore_wait
+
+  def poll(sem, value, **kwargs):
+    return wait(sem, 0, decrement=False, memory_scope=kwargs.get("memory_scope", "sys"))
+
+  with mock.patch.object(plgpu, "semaphore_wait", poll):
+    yield
 
 
 @contextlib.contextmanager

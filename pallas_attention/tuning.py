@@ -198,6 +198,8 @@ DETERMINISTIC_FUSED = True
 # slab (2) or per half slab (4): with more counts the next key block may add a part as
 # soon as this block's add of that part has landed, not the whole tile.
 ORDERED_DQ_PARTS = 1
+# The counts' spacing in 4-byte words (32: one count per 128-byte line).
+ORDERED_SEM_STRIDE = 1
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),

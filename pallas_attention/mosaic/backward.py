@@ -576,6 +576,10 @@ def _fused(
   # tile has no key block to add into it.
   stores_every_tile = semaphores and dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1].all()
   dq_parts = _dq_parts(consumers, slab_rows, tuning.ORDERED_DQ_PARTS) if semaphores else ()
+  sem_stride = tuning.ORDERED_SEM_STRIDE
+
+  def _sem_index(index):  # counts sem_stride apart (in 4-byte words)
+    return index if sem_stride == 1 else index * sem_stride
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
@@ -620,7 +624,7 @@ def _fused(
         turn, last, more = _dq_turn(kv_block, first, stop)
         if dq_parts:
           return _write_parts(g, i, buf, head, turn, last, more, carry)
-        sem = counts.at[(batch * n + head) * (t // bq) + i]
+        sem = counts.at[_sem_index((batch * n + head) * (t // bq) + i)]
         plgpu.barrier_wait(dq_full.at[buf])
 
         @pl.when((turn > 0) & more)
@@ -658,10 +662,10 @@ def _fused(
           q_rows = pl.ds(i * bq + c * row_step + r, rows)
           target = dq_ref.at[(batch, q_rows, head, pl.ds(c * col_step, slab_cols))]
           source = dq_smem.at[buf, c, pl.ds(r, rows)]
-          _add_part(counts.at[base + p], source, target, turn, last, more)
+          _add_part(counts.at[_sem_index(base + p)], source, target, turn, last, more)
         for p in range(len(dq_parts)):
           plgpu.wait_smem_to_gmem(len(dq_parts) - 1 - p)  # part p has landed
-          signal = functools.partial(plgpu.semaphore_signal, counts.at[base + p], 1)
+          signal = functools.partial(plgpu.semaphore_signal, counts.at[_sem_index(base + p)], 1)
           pl.when(more)(functools.partial(signal, memory_scope="gpu"))
 
         plgpu.barrier_arrive(dq_free.at[buf])
@@ -677,7 +681,7 @@ def _fused(
         return
       # One count of adds done per (batch, query head, query tile).
       counts = pl.get_global(
-        plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * max(1, len(dq_parts)),))
+        plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * max(1, len(dq_parts)) * sem_stride,))
       )
 
       @plgpu.warp_map
