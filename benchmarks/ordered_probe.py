@@ -22,7 +22,8 @@ point as it is measured, then a table:
 - ``ord-cCwW``: chunks of C key blocks beside other pairs, about W CTAs together, at
   any key count, causal too (``ord-c64w128``: at 16k two pairs' halves start together);
   ``ord-pPcCwW`` both;
-- ``ord-stride32``: the counts one per 128-byte line (``tuning.ORDERED_SEM_STRIDE``);
+- ``ord-strideN``: the counts N 4-byte words apart (``tuning.ORDERED_SEM_STRIDE``; 32:
+  one per 128-byte line, 1: packed);
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
@@ -51,7 +52,6 @@ VARIANTS = {
   "ord-nowait": lambda: _no_wait(),
   "ord-nosync": lambda: _no_wait(signal=False),
   "ord-noland": lambda: _no_wait(signal=False, land=False),
-  "ord-stride32": lambda: mock.patch.object(tuning, "ORDERED_SEM_STRIDE", 32),
   "ord-poll0": lambda: _poll_zero(),
 }
 
@@ -95,6 +95,9 @@ def variant(name: str):
   """The context of a probe variant, or None for a bench.py implementation."""
   if name in VARIANTS:
     return VARIANTS[name]()
+  match = re.fullmatch(r"ord-stride(\d+)", name)
+  if match:
+    return mock.patch.object(tuning, "ORDERED_SEM_STRIDE", int(match.group(1)))
   match = re.fullmatch(r"ord-(?:p(\d+))?(?:c(\d+)w(\d+))?", name)
   if match and any(match.groups()):
     return _parts_and_chunks(*match.groups())

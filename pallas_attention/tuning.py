@@ -196,10 +196,15 @@ _FUSED_MIN_CAUSAL_KV = 4096
 DETERMINISTIC_FUSED = True
 # The ordered kernel's adds into a query tile's dQ are counted per tile (1), per consumer
 # slab (2) or per half slab (4): with more counts the next key block may add a part as
-# soon as this block's add of that part has landed, not the whole tile.
+# soon as this block's add of that part has landed, not the whole tile. H200
+# (results/s10_ordered/call1), fwd+bwd TFLOP/s head dim 128 non-causal, 1 / 2 / 4 parts:
+# 544 / 544 / 403 at 16k, 536 / 529 / 389 at 8k (cuDNN 555, 543), so one count a tile.
 ORDERED_DQ_PARTS = 1
-# The counts' spacing in 4-byte words (32: one count per 128-byte line).
-ORDERED_SEM_STRIDE = 1
+# The counts' spacing in 4-byte words: 32, one count per 128-byte line, where packed
+# counts put 32 of them in a line that the blocks of a pair poll and add to at once.
+# H200 (results/s10_ordered/call2), fwd+bwd TFLOP/s head dim 128, packed / 32 apart:
+# non-causal 536 / 542 at 16k, 530 / 538 at 8k; causal 512 / 514, 486 / 491.
+ORDERED_SEM_STRIDE = 32
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),
