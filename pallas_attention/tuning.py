@@ -219,8 +219,10 @@ ORDERED_WAVE = 128
 ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
-# (None: never).
-_ORDERED_MIN_KV = {(64, False): 4096, (128, False): 2048, (64, True): 4096, (128, True): 4096}
+# (None: never). Tenth session, H200 (results/s10_ordered/call6), head dim 64 fwd+bwd
+# TFLOP/s, two-kernel / ordered / cuDNN: non-causal 341 / 341 / 343 at 1k, 366 / 400 /
+# 388 at 2k; causal 240 / 265 / 232 at 1k, 300 / 342 / 308 at 2k (before: from 4k).
+_ORDERED_MIN_KV = {(64, False): 2048, (128, False): 2048, (64, True): 1024, (128, True): 4096}
 
 
 def has_fused_backward(head_dim: int) -> bool:

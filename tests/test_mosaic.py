@@ -217,8 +217,9 @@ def test_block_table_short_and_long_keys():
   assert not fused(256, False, 16384, deterministic=False)
   assert not fused(128, True, 2048, deterministic=False) and fused(128, True, 4096, False)
   assert fused(128, False, 2048, True) and fused(64, False, 4096, True)
-  assert not fused(128, False, 1024, True) and not fused(64, False, 2048, True)
-  assert fused(64, True, 4096, True) and not fused(64, True, 2048, True)
+  assert not fused(128, False, 1024, True) and not fused(64, False, 1024, True)
+  assert fused(64, False, 2048, True)
+  assert fused(64, True, 1024, True) and not fused(64, True, 512, True)
   assert fused(128, True, 4096, True) and not fused(128, True, 2048, True)
   assert not fused(256, False, 16384, True)
 

@@ -285,6 +285,30 @@ def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, r
   jax.clear_caches()
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the default backward at these lengths: GPU only")
+@pytest.mark.parametrize("t,causal", [(1024, True), (2048, False)])
+def test_default_backward_head_dim_64_ordered_from_table(t, causal, rng):
+  """head_dim 64 takes the ordered fused backward from 1k keys causal and 2k not
+  (tuning._ORDERED_MIN_KV): through flash_attention, the reference's gradients, and
+  the same bits from a second call."""
+  from pallas_attention import flash_attention
+
+  assert tuning.fused_backward(64, causal, t, deterministic=True)
+  q, k, v, do = (normal(rng, (1, t, 2, 64), jnp.bfloat16) for _ in range(4))
+  _, _, ref = reference_with_grads(q, k, v, do, is_causal=causal)
+
+  def grads(q, k, v):
+    call = lambda *a: flash_attention(*a, is_causal=causal, implementation="mosaic")  # noqa: E731
+    return jax.vjp(call, q, k, v)[1](do)
+
+  got = jax.jit(grads)(q, k, v)
+  for name, x, want in zip("qkv", got, ref, strict=True):
+    assert rel_err(x, want) < 2e-2, name
+  again = jax.jit(grads)(q, k, v)
+  for name, x, y in zip("qkv", got, again, strict=True):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), name
+
+
 def test_backward_fused_rejects_blocks_it_cannot_share_out(rng):
   q = normal(rng, (1, 256, 1, 64), jnp.bfloat16)
   vec = jnp.zeros((1, 1, 256), jnp.float32)
