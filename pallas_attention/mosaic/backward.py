@@ -536,7 +536,9 @@ def _fused(
   Float additions from different CTAs land in no fixed order, so without ``ordered``
   dQ may differ from run to run in its last bits. With ``ordered`` (deterministic)
   the key blocks add into each query tile in decreasing order: a global semaphore
-  per (batch, query head, query tile) counts the adds done, and key block ``j`` adds
+  per (batch, query head, query tile) counts the adds done (or one per part of the
+  tile, ``tuning.ORDERED_DQ_PARTS``; the counts ``tuning.ORDERED_SEM_STRIDE`` words
+  apart, one per 128-byte line by default), and key block ``j`` adds
   when it reads ``stop - 1 - j`` (``[first, stop)``: the tile's key blocks,
   ``dq_contributors``), waits for its add to land, and counts it in; the lowest block
   of a tile takes the count back to zero for the next call. The highest block (turn 0)
