@@ -202,8 +202,10 @@ DETERMINISTIC_FUSED = True
 ORDERED_DQ_PARTS = 1
 # The counts' spacing in 4-byte words: 32, one count per 128-byte line, where packed
 # counts put 32 of them in a line that the blocks of a pair poll and add to at once.
-# H200 (results/s10_ordered/call2), fwd+bwd TFLOP/s head dim 128, packed / 32 apart:
-# non-causal 536 / 542 at 16k, 530 / 538 at 8k; causal 512 / 514, 486 / 491.
+# H200, fwd+bwd TFLOP/s head dim 128, packed / 32 apart (results/s10_ordered/call2;
+# call3): non-causal 536 / 542 at 16k (543 / 548), 530 / 538 at 8k (534 / 540); causal
+# 512 / 514 (517 / 514), 486 / 491 (489 / 495). Within each call's noise one by one,
+# seven of eight the same way; 8 and 64 words apart measured alike (call3).
 ORDERED_SEM_STRIDE = 32
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,

@@ -681,7 +681,8 @@ def _fused(
       if not semaphores:
         produce()
         return
-      # One count of adds done per (batch, query head, query tile).
+      # One count of adds done per (batch, query head, query tile) or per part of
+      # one, sem_stride words apart.
       counts = pl.get_global(
         plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * max(1, len(dq_parts)) * sem_stride,))
       )
