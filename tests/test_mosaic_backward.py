@@ -372,9 +372,10 @@ def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypa
 
 def test_ordered_dq_parts():
   """The parts the ordered kernel counts apart cover each consumer's slab exactly."""
-  assert mosaic_bwd._dq_parts(2, 64, 1) == ()
-  assert mosaic_bwd._dq_parts(2, 64, 2) == ((0, 0, 64), (1, 0, 64))
-  assert mosaic_bwd._dq_parts(2, 64, 4) == ((0, 0, 32), (0, 32, 32), (1, 0, 32), (1, 32, 32))
+  assert mosaic_bwd._dq_parts(2, 64, 1) == (((0, 0, 64), (1, 0, 64)),)
+  assert mosaic_bwd._dq_parts(2, 64, 2) == (((0, 0, 64),), ((1, 0, 64),))
+  parts = mosaic_bwd._dq_parts(2, 64, 4)
+  assert parts == (((0, 0, 32),), ((0, 32, 32),), ((1, 0, 32),), ((1, 32, 32),))
   for parts in (3, 8):
     with pytest.raises(ValueError, match="ORDERED_DQ_PARTS"):
       mosaic_bwd._dq_parts(2, 64, parts)

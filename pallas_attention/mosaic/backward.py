@@ -459,27 +459,33 @@ def _dq_turn(kv_block, first, stop):
   return stop - 1 - kv_block, kv_block == first, kv_block > first
 
 
-def _add_part(sem, source, target, turn, last, more) -> None:
-  """Once ``turn`` adds of this part are counted in ``sem``, store (turn 0) or add it;
-  the last adder takes the count back to zero."""
+def _add_part(sem, copies, turn, last, more) -> None:
+  """Once ``turn`` adds of this part are counted in ``sem``, store (turn 0) or add the
+  ``(source, target)`` pairs that ``copies()`` gives; the last adder takes the count
+  back to zero."""
   wait = functools.partial(plgpu.semaphore_wait, sem, turn, memory_scope="gpu")
   pl.when((turn > 0) & more)(functools.partial(wait, decrement=False))
   pl.when((turn > 0) & last)(functools.partial(wait, decrement=True))
-  pl.when(turn == 0)(lambda: plgpu.copy_smem_to_gmem(source, target))
-  pl.when(turn > 0)(lambda: plgpu.copy_smem_to_gmem(source, target, reduction_op="add"))
+
+  def copy(op):
+    for source, target in copies():
+      plgpu.copy_smem_to_gmem(source, target, reduction_op=op)
+
+  pl.when(turn == 0)(lambda: copy(None))
+  pl.when(turn > 0)(lambda: copy("add"))
 
 
 def _dq_parts(consumers: int, slab_rows: int, parts: int) -> tuple:
-  """The parts of a query tile's dQ that the ordered kernel counts apart:
-  ``(consumer slab, first row, rows)`` each; () for one count per tile (``parts`` 1).
-  ``parts``: 1, one per consumer slab, or two per slab (row halves)."""
+  """The parts of a query tile's dQ that the ordered kernel counts apart, each a tuple
+  of ``(consumer slab, first row, rows)`` copies: ``parts`` 1, one part of every
+  consumer's slab; ``consumers``, one per slab; twice that, two per slab (row halves)."""
   if parts == 1:
-    return ()
+    return (tuple((c, 0, slab_rows) for c in range(consumers)),)
   per_slab, rest = divmod(parts, consumers)
   if rest or per_slab not in (1, 2) or slab_rows % (8 * per_slab):
     raise ValueError(f"ORDERED_DQ_PARTS={parts}: 1, {consumers} or {2 * consumers}")
   rows = slab_rows // per_slab
-  return tuple((c, u * rows, rows) for c in range(consumers) for u in range(per_slab))
+  return tuple(((c, u * rows, rows),) for c in range(consumers) for u in range(per_slab))
 
 
 def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int, int]:
@@ -580,9 +586,6 @@ def _fused(
   dq_parts = _dq_parts(consumers, slab_rows, tuning.ORDERED_DQ_PARTS) if semaphores else ()
   sem_stride = tuning.ORDERED_SEM_STRIDE
 
-  def _sem_index(index):  # counts sem_stride apart (in 4-byte words)
-    return index if sem_stride == 1 else index * sem_stride
-
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
     if semaphores:
@@ -616,7 +619,16 @@ def _fused(
     def write_dq(counts):
       """The dQ writer (one warp of the producer warpgroup, ordered path): adds the
       consumers' slabs of each tile once it is this key block's turn (the first block
-      of a tile, turn 0, stores them: the buffer need not start at zero)."""
+      of a tile, turn 0, stores them: the buffer need not start at zero). With a count
+      per part of the tile (``dq_parts``), a part is added once the block above has
+      added that part, so the next block's first part can go in while this block's
+      later parts are still on their way."""
+
+      def part_copies(buf, i, head, part):  # (slab in shared memory, its place in dQ)
+        for c, r, rows in part:
+          q_rows = pl.ds(i * bq + (c * row_step + r), rows)
+          target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
+          yield dq_smem.at[buf, c, pl.ds(r, rows)], dq_ref.at[target]
 
       def step(st, carry):
         g, i = _query_tile(st, lo, num_q)
@@ -624,52 +636,15 @@ def _fused(
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
         turn, last, more = _dq_turn(kv_block, first, stop)
-        if dq_parts:
-          return _write_parts(g, i, buf, head, turn, last, more, carry)
-        sem = counts.at[_sem_index((batch * n + head) * (t // bq) + i)]
+        tile = (batch * n + head) * (t // bq) + i
+        sems = [counts.at[(tile * len(dq_parts) + p) * sem_stride] for p in range(len(dq_parts))]
         plgpu.barrier_wait(dq_full.at[buf])
-
-        @pl.when((turn > 0) & more)
-        def _():
-          plgpu.semaphore_wait(sem, turn, decrement=False, memory_scope="gpu")
-
-        @pl.when((turn > 0) & last)
-        def _():  # every other block has added: take the count back to zero
-          plgpu.semaphore_wait(sem, turn, decrement=True, memory_scope="gpu")
-
-        def add(op):
-          for c in range(consumers):
-            q_rows = pl.ds(i * bq + c * row_step, slab_rows)
-            target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
-            plgpu.copy_smem_to_gmem(dq_smem.at[buf, c], dq_ref.at[target], reduction_op=op)
-
-        pl.when(turn == 0)(lambda: add(None))
-        pl.when(turn > 0)(lambda: add("add"))
-        plgpu.wait_smem_to_gmem(0)  # landed in memory, not only read
-
-        @pl.when(more)
-        def _():
-          plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-
-        plgpu.barrier_arrive(dq_free.at[buf])
-        return carry
-
-      def _write_parts(g, i, buf, head, turn, last, more, carry):
-        """The same with a count per part of the tile (``dq_parts``): a part is added
-        once the block above has added that part, so the next block's first part can
-        go in while this block's later parts are still on their way."""
-        base = ((batch * n + head) * (t // bq) + i) * len(dq_parts)
-        plgpu.barrier_wait(dq_full.at[buf])
-        for p, (c, r, rows) in enumerate(dq_parts):
-          q_rows = pl.ds(i * bq + c * row_step + r, rows)
-          target = dq_ref.at[(batch, q_rows, head, pl.ds(c * col_step, slab_cols))]
-          source = dq_smem.at[buf, c, pl.ds(r, rows)]
-          _add_part(counts.at[_sem_index(base + p)], source, target, turn, last, more)
-        for p in range(len(dq_parts)):
-          plgpu.wait_smem_to_gmem(len(dq_parts) - 1 - p)  # part p has landed
-          signal = functools.partial(plgpu.semaphore_signal, counts.at[_sem_index(base + p)], 1)
-          pl.when(more)(functools.partial(signal, memory_scope="gpu"))
-
+        for sem, part in zip(sems, dq_parts, strict=True):
+          _add_part(sem, functools.partial(part_copies, buf, i, head, part), turn, last, more)
+        for p, sem in enumerate(sems):
+          later = sum(len(part) for part in dq_parts[p + 1 :])
+          plgpu.wait_smem_to_gmem(later)  # part p has landed in memory, not only been read
+          pl.when(more)(functools.partial(plgpu.semaphore_signal, sem, 1, memory_scope="gpu"))
         plgpu.barrier_arrive(dq_free.at[buf])
         return carry
 
@@ -684,7 +659,7 @@ def _fused(
       # One count of adds done per (batch, query head, query tile) or per part of
       # one, sem_stride words apart.
       counts = pl.get_global(
-        plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * max(1, len(dq_parts)) * sem_stride,))
+        plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * len(dq_parts) * sem_stride,))
       )
 
       @plgpu.warp_map
