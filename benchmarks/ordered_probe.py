@@ -24,6 +24,9 @@ point as it is measured, then a table:
   ``ord-pPcCwW`` both;
 - ``ord-strideN``: the counts N 4-byte words apart (``tuning.ORDERED_SEM_STRIDE``; 32:
   one per 128-byte line, 1: packed);
+- ``ord-downN``: causal, the last pairs (enough for N key blocks) launched heaviest
+  block first, adding from the lowest block up (``tuning.ORDERED_DOWN_BLOCKS``;
+  ``ord-down0``: none, ``ord-down1000000``: every pair);
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
@@ -98,6 +101,9 @@ def variant(name: str):
   match = re.fullmatch(r"ord-stride(\d+)", name)
   if match:
     return mock.patch.object(tuning, "ORDERED_SEM_STRIDE", int(match.group(1)))
+  match = re.fullmatch(r"ord-down(\d+)", name)
+  if match:
+    return mock.patch.object(tuning, "ORDERED_DOWN_BLOCKS", int(match.group(1)))
   match = re.fullmatch(r"ord-(?:p(\d+))?(?:c(\d+)w(\d+))?", name)
   if match and any(match.groups()):
     return _parts_and_chunks(*match.groups())

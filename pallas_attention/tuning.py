@@ -220,6 +220,11 @@ ORDERED_CHUNK = 8
 ORDERED_WAVE = 128
 ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
+# Causal calls: the ordered kernel's last pairs, enough of them for this many key
+# blocks, launch their heaviest key block first and add from the lowest block up
+# (mosaic/backward.py::_ordered_cta), so that the grid does not end on one pair's
+# heaviest blocks. 0: none (every pair lightest first).
+ORDERED_DOWN_BLOCKS = 0
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never). Tenth session, H200 (results/s10_ordered/call6), head dim 64 fwd+bwd
 # TFLOP/s, two-kernel / ordered / cuDNN: non-causal 341 / 341 / 343 at 1k, 366 / 400 /

@@ -164,6 +164,20 @@ def test_backward_fused_ordered_in_chunks(rng, monkeypatch):
   _check(rng, 2, 128, 256, 4, 2, 64, masks.MaskSpec(), None, 230, FUSED_ONE)
 
 
+@pytest.mark.parametrize("down_blocks", [4, 1 << 20], ids=["last_pair", "every_pair"])
+def test_backward_fused_ordered_heaviest_first(down_blocks, rng, monkeypatch):
+  """Causal, the ordered kernel's last pair (or every pair) launched heaviest key block
+  first, visiting the query tiles from the last down and adding from the lowest block
+  up (tuning.ORDERED_DOWN_BLOCKS): GQA, padded lengths, the reference's gradients."""
+  assert mosaic_bwd._ordered_down_pairs(4, 4, causal=False) == 0
+  monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", down_blocks)
+  assert mosaic_bwd._ordered_down_pairs(4, 4, causal=True) == (1 if down_blocks == 4 else 4)
+  # Shapes no other test uses (jit caches key on shapes, not on the table).
+  t = 256 if down_blocks == 4 else 320
+  spec = masks.MaskSpec(True)
+  _check(rng, 2, t, 256, 4, 2, 64, spec, t - 30, 250, FUSED_ONE, deterministic=True)
+
+
 @pytest.mark.parametrize(
   "b,kv_heads,num_kv,chunk,wave",
   [
@@ -187,7 +201,9 @@ def test_ordered_launch_order(b, kv_heads, num_kv, chunk, wave, monkeypatch):
   monkeypatch.setattr(tuning, "ORDERED_CHUNK_MAX_KV", 1024)  # chunks at any count here
   grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
   axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]  # ravel: launch order
-  batch, head, block = (np.asarray(x) for x in mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv))
+  *cta, down = mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv)
+  assert down is False  # not causal
+  batch, head, block = (np.asarray(x) for x in cta)
   seen = sorted(zip(batch.tolist(), head.tolist(), block.tolist(), strict=True))
   assert seen == sorted(np.ndindex(b, kv_heads, num_kv))  # each CTA once
   for pair in range(b * kv_heads):
@@ -199,6 +215,28 @@ def test_ordered_launch_order(b, kv_heads, num_kv, chunk, wave, monkeypatch):
     assert chunk_size == chunk  # the first chunk of `group` pairs starts together
     first = np.stack([batch, head], 1)[: chunk * group]
     assert len({tuple(x) for x in first.tolist()}) == group
+
+
+@pytest.mark.parametrize("down_blocks,down_pairs", [(0, 0), (1, 1), (16, 1), (17, 2), (1000, 6)])
+def test_ordered_launch_order_heaviest_first(down_blocks, down_pairs, monkeypatch):
+  """Causal: the last pairs (enough for tuning.ORDERED_DOWN_BLOCKS key blocks) launch
+  their key blocks from the first up, the others from the last down; every CTA once."""
+  monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", down_blocks)
+  b, kv_heads, num_kv = 2, 3, 16
+  grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
+  axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]  # ravel: launch order
+  *cta, down = mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv, causal=True)
+  batch, head, block = (np.asarray(x) for x in cta)
+  down = np.zeros(block.shape, bool) if down is False else np.asarray(down)
+  seen = sorted(zip(batch.tolist(), head.tolist(), block.tolist(), strict=True))
+  assert seen == sorted(np.ndindex(b, kv_heads, num_kv))
+  pairs = batch * kv_heads + head
+  assert np.array_equal(np.unique(pairs[down]), np.arange(b * kv_heads - down_pairs, b * kv_heads))
+  for pair in range(b * kv_heads):
+    launched = block[pairs == pair]
+    ascending = pair >= b * kv_heads - down_pairs
+    expected = np.arange(num_kv) if ascending else np.arange(num_kv)[::-1]
+    assert np.array_equal(launched, expected), pair
 
 
 @pytest.mark.parametrize(
@@ -227,24 +265,30 @@ def test_dq_contributors_are_the_blocks_that_see_each_tile(spec, t, s, q_len, kv
     if blocks.size:
       assert (first[i], count[i]) == (blocks[0], blocks.size), i
       assert np.array_equal(blocks, np.arange(blocks[0], blocks[-1] + 1)), i
-      _check_dq_turns([int(j) for j in blocks], int(first[i]), int(first[i] + count[i]))
+      for down in (False, True):
+        _check_dq_turns([int(j) for j in blocks], int(first[i]), int(first[i] + count[i]), down)
     else:
       assert count[i] == 0, i
 
 
-def _check_dq_turns(blocks, first, stop):
+def _check_dq_turns(blocks, first, stop, down=False):
   """The ordered kernel's semaphore protocol (``_dq_turn``) for one tile, simulated: the
-  blocks add one at a time from the highest down, each when the count reads its turn,
-  and the count is back at zero after the last add (the next call starts from zero)."""
-  turns = {j: mosaic_bwd._dq_turn(j, first, stop) for j in blocks}
+  blocks add one at a time from the highest down (from the lowest up where ``down``),
+  each when the count reads its turn, and the count is back at zero after the last add
+  (the next call starts from zero). Traced ``down`` gives the same turns."""
+  turns = {j: mosaic_bwd._dq_turn(j, first, stop, down) for j in blocks}
+  traced = {j: mosaic_bwd._dq_turn(j, first, stop, jnp.asarray(down)) for j in blocks}
+  assert {j: tuple(bool(x) if k else int(x) for k, x in enumerate(traced[j])) for j in blocks} == {
+    j: (int(turn), bool(last), bool(more)) for j, (turn, last, more) in turns.items()
+  }
   order = sorted(blocks, key=lambda j: turns[j][0])
-  assert order == sorted(blocks, reverse=True)
+  assert order == sorted(blocks, reverse=not down)
   assert [turns[j][0] for j in order] == list(range(len(blocks)))
   count = 0
   for j in order:
     turn, last, more = turns[j]
     assert count == turn  # the wait (count >= turn) passes now and not before
-    assert last == (j == blocks[0]) and more == (not last)
+    assert last == (j == order[-1]) and more == (not last)
     if last:
       count -= turn  # the lowest block's wait takes the count back down
     if more:
@@ -253,14 +297,21 @@ def _check_dq_turns(blocks, first, stop):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
-@pytest.mark.parametrize("parts", [1, 2, 4])
+@pytest.mark.parametrize("parts", [1, 2, 4, "down16", "down_all"])
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, rng, monkeypatch):
   """Many key blocks add into each dQ tile (16 CTAs per head): five calls give the
   same bits (the semaphores also come back to zero after each call, or the next call
   would wait forever or add out of order), close to the unordered kernel's dQ; with
-  the adds counted per tile, per consumer slab or per half slab."""
+  the adds counted per tile, per consumer slab or per half slab; ``down16`` /
+  ``down_all``: one count a tile, causal, the last of the four pairs (16 key blocks) /
+  every pair launched heaviest key block first (tuning.ORDERED_DOWN_BLOCKS)."""
+  if isinstance(parts, str):
+    if not causal:
+      pytest.skip("heaviest first: causal calls only")
+    monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", 16 if parts == "down16" else 1 << 20)
+    parts = 1
   monkeypatch.setattr(tuning, "ORDERED_DQ_PARTS", parts)
   jax.clear_caches()  # backward_jit's cache keys on its arguments, not on the table
   b, t, n, kv_heads = 2, 2048, 4, 2
@@ -348,10 +399,15 @@ def test_backward_through_shared_memory(rng):
     (128, FUSED_COLS, True, 1),
     (128, FUSED_COLS, True, 2),
     (128, FUSED_COLS, False, 1),
+    (128, FUSED_COLS, True, "down"),
   ],
 )
 def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypatch):
-  """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit."""
+  """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit
+  ("down": one count a tile, a pair launched heaviest key block first)."""
+  if parts == "down":
+    parts = 1
+    monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", 1)
   monkeypatch.setattr(tuning, "ORDERED_DQ_PARTS", parts)
   if blocks == "no_split":  # one warpgroup holding both dK and dV (it spills, but lowers)
     blocks = dataclasses.replace(tuning.mosaic_blocks(h), dkv_split=False)

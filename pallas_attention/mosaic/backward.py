@@ -141,8 +141,9 @@ def _tile_ranges(block_range, cta_start, cta_rows, wg_start, other_block, wg_row
   return lo, c_lo, f_lo, f_hi, c_hi, hi
 
 
-def _sweep(ranges, visit, skip, carry, edges):
-  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``.
+def _sweep(ranges, visit, skip, carry, edges, down=False):
+  """Visit tiles ``[lo, hi)`` in order: ``visit(masked, tile, carry)`` or ``skip``;
+  from ``hi - 1`` down where ``down`` (a traced bool, or Python False).
 
   One loop visits every tile the rows may see; ``masked`` is a traced bool, true on
   the tiles outside ``[f_lo, f_hi)`` (``_masked`` masks those only), or
@@ -152,8 +153,18 @@ def _sweep(ranges, visit, skip, carry, edges):
   them in the unmasked loop (benchmarks/RESULTS.md, sixth session).
   """
   lo, c_lo, f_lo, f_hi, c_hi, hi = ranges
+
+  def loop(start, stop, body, carry):
+    if down is False:
+      return lax.fori_loop(start, stop, body, carry)
+
+    def mirrored(j, carry):
+      return body(start + _mirror(j - start, stop - start, down), carry)
+
+    return lax.fori_loop(start, stop, mirrored, carry)
+
   if not any(edges):
-    return lax.fori_loop(lo, hi, functools.partial(visit, False), carry)
+    return loop(lo, hi, functools.partial(visit, False), carry)
   lead, trail = edges
 
   def seen(i, carry):
@@ -161,9 +172,13 @@ def _sweep(ranges, visit, skip, carry, edges):
     masked = (before | after) if lead and trail else (before if lead else after)
     return visit(masked, i, carry)
 
-  carry = lax.fori_loop(lo, c_lo, skip, carry)
-  carry = lax.fori_loop(c_lo, c_hi, seen, carry)
-  return lax.fori_loop(c_hi, hi, skip, carry)
+  first, last = (lo, c_lo), (c_hi, hi)
+  if down is not False:  # the tiles above the rows' come first
+    pick = functools.partial(jnp.where, down)
+    first, last = (pick(c_hi, lo), pick(hi, c_lo)), (pick(lo, c_hi), pick(c_lo, hi))
+  carry = loop(*first, skip, carry)
+  carry = loop(c_lo, c_hi, seen, carry)
+  return loop(*last, skip, carry)
 
 
 def _masked(masked, tile, row0, col_tile, transposed, spec, q_len, kv_len):
@@ -187,13 +202,13 @@ def _masked(masked, tile, row0, col_tile, transposed, spec, q_len, kv_len):
   return lax.cond(masked, mask, lambda tile: tile, tile)
 
 
-def _sweep_group(group, ranges, visit, skip, carry, edges):
+def _sweep_group(group, ranges, visit, skip, carry, edges, down=False):
   """``_sweep`` for each query head ``g`` of a GQA group, in order:
   ``visit(g, masked, i, carry)`` or ``skip(g, i, carry)`` per query tile ``i``."""
 
   def per_head(g, carry):
     visit_g, skip_g = functools.partial(visit, g), functools.partial(skip, g)
-    return _sweep(ranges, visit_g, skip_g, carry, edges)
+    return _sweep(ranges, visit_g, skip_g, carry, edges, down)
 
   return lax.fori_loop(0, group, per_head, carry)
 
@@ -249,22 +264,33 @@ def _produce(steps, stages: int, fetch, consumed) -> None:
   lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, 0)
 
 
-def _query_tile(step, lo, num_q):
+def _mirror(offset, count, down):
+  """``offset`` in ``[0, count)``, counted from the other end where ``down`` (a traced
+  bool; Python False: unchanged, nothing traced)."""
+  if down is False:
+    return offset
+  return jnp.where(down, count - 1 - offset, offset)
+
+
+def _query_tile(step, lo, num_q, down=False):
   """The (GQA head ``g``, query tile ``i``) of a dK/dV kernel's step: the heads in
-  turn, each over tiles ``[lo, lo + num_q)`` in order. The producer fetches in this
-  order, and the fused kernel's dQ writer adds in it. ``_step`` is the inverse."""
+  turn, each over tiles ``[lo, lo + num_q)`` in order (from the last down where
+  ``down``: the ordered fused kernel's heaviest-first blocks, ``_ordered_cta``). The
+  producer fetches in this order, and the fused kernel's dQ writer adds in it.
+  ``_step`` is the inverse."""
   g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
-  return g, lo + step - g * num_q
+  return g, lo + _mirror(step - g * num_q, num_q, down)
 
 
-def _step(g, i, lo, num_q):
+def _step(g, i, lo, num_q, down=False):
   """The step at which a dK/dV kernel visits query tile ``i`` of GQA head ``g``."""
-  return g * num_q + i - lo
+  return g * num_q + _mirror(i - lo, num_q, down)
 
 
-def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages):
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, down=False):
   """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
-  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step.
+  the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step
+  (``_query_tile``'s order).
 
   Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
   """
@@ -273,7 +299,7 @@ def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, 
   q_bar, do_bar, consumed = bars
 
   def fetch(step, slot):
-    g, i = _query_tile(step, lo, num_q)
+    g, i = _query_tile(step, lo, num_q, down)
     q0 = i * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
@@ -451,12 +477,17 @@ def fused_slab(bq: int, h: int, consumers: int):
   return None
 
 
-def _dq_turn(kv_block, first, stop):
+def _dq_turn(kv_block, first, stop, down=False):
   """The ordered fused kernel's place for key block ``kv_block`` among the blocks
   ``[first, stop)`` that add into a query tile: ``(turn, last, more)``. It adds once
   ``turn`` adds are in (the blocks above it add first); ``last``: the lowest block, which
-  adds last and takes the count back to zero; ``more``: others follow (signal them)."""
-  return stop - 1 - kv_block, kv_block == first, kv_block > first
+  adds last and takes the count back to zero; ``more``: others follow (signal them).
+  ``down`` (Python bool or traced; ``_ordered_cta``): the blocks below add first."""
+  above = stop - 1 - kv_block, kv_block == first, kv_block > first
+  below = kv_block - first, kv_block == stop - 1, kv_block < stop - 1
+  if isinstance(down, bool):
+    return below if down else above
+  return tuple(jnp.where(down, b, a) for a, b in zip(above, below, strict=True))
 
 
 def _add_part(sem, copies, turn, last, more) -> None:
@@ -507,8 +538,17 @@ def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int,
   return chunk, group
 
 
+def _ordered_down_pairs(pairs: int, num_kv: int, causal: bool) -> int:
+  """How many of the ordered kernel's last (batch, kv head) pairs run their heaviest
+  key block first (``_ordered_cta``): enough for ``tuning.ORDERED_DOWN_BLOCKS`` key
+  blocks, causal calls only."""
+  if not (causal and tuning.ORDERED_DOWN_BLOCKS):
+    return 0
+  return min(pairs, -(-tuning.ORDERED_DOWN_BLOCKS // num_kv))
+
+
 def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=False):
-  """(batch, kv head, key block) of a CTA of the ordered fused kernel.
+  """(batch, kv head, key block, down) of a CTA of the ordered fused kernel.
 
   Every (batch, kv head) pair's key blocks are launched from the last down, so a
   block only waits for blocks launched before it. They start ``chunk`` at a time
@@ -517,15 +557,29 @@ def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=Fal
   are a tile ahead, and the blocks that start together wait longest (a chain of
   adds), so chunks keep that chain short, while the pairs of a group share their
   Q, dO and dQ tiles in L2 across chunks.
+
+  ``down`` (causal; the last ``_ordered_down_pairs`` pairs, else Python False): the
+  pair's key blocks are launched from the first up, the heaviest first, so the grid
+  does not end on a pair's heaviest blocks with SMs idle beside them. Its blocks add
+  into each dQ tile from the lowest up (still only waiting for blocks launched
+  before them) and visit the query tiles from the last down, so that a block and the
+  block below it reach each tile after as many steps (visited upward, a block would
+  reach each tile one step before the block it waits for).
   """
-  chunk, group = _ordered_chunks(b * kv_heads, num_kv, causal)
+  pairs = b * kv_heads
+  chunk, group = _ordered_chunks(pairs, num_kv, causal)
   linear = (batch_axis * kv_heads + head_axis) * num_kv + kv_axis  # launch order
   in_chunk, linear = lax.rem(linear, chunk), lax.div(linear, chunk)
   in_group, linear = lax.rem(linear, group), lax.div(linear, group)
   chunk_index, group_index = lax.rem(linear, num_kv // chunk), lax.div(linear, num_kv // chunk)
   pair = group_index * group + in_group
-  kv_block = num_kv - 1 - (chunk_index * chunk + in_chunk)
-  return lax.div(pair, kv_heads), lax.rem(pair, kv_heads), kv_block
+  launched = chunk_index * chunk + in_chunk
+  kv_block = num_kv - 1 - launched
+  down = False
+  if down_pairs := _ordered_down_pairs(pairs, num_kv, causal):
+    down = pair >= pairs - down_pairs
+    kv_block = jnp.where(down, launched, kv_block)
+  return lax.div(pair, kv_heads), lax.rem(pair, kv_heads), kv_block, down
 
 
 def _fused(
@@ -595,9 +649,10 @@ def _fused(
     wg = lax.axis_index("wg")
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_block = lax.axis_index("kv")
+    down = False
     if ordered:
       cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal)
-      batch, kv_head, kv_block = _ordered_cta(*cta)
+      batch, kv_head, kv_block, down = _ordered_cta(*cta)
     k0 = kv_block * bk
     lo, _, _, hi = q_range(k0, bk, bq)
     num_q = hi - lo
@@ -614,6 +669,7 @@ def _fused(
         num_q,
         bq,
         stages,
+        down,
       )
 
     def write_dq(counts):
@@ -631,11 +687,11 @@ def _fused(
           yield dq_smem.at[buf, c, pl.ds(r, rows)], dq_ref.at[target]
 
       def step(st, carry):
-        g, i = _query_tile(st, lo, num_q)
+        g, i = _query_tile(st, lo, num_q, down)
         buf = lax.rem(st, 2)
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
-        turn, last, more = _dq_turn(kv_block, first, stop)
+        turn, last, more = _dq_turn(kv_block, first, stop, down)
         tile = (batch * n + head) * (t // bq) + i
         sems = [counts.at[(tile * len(dq_parts) + p) * sem_stride] for p in range(len(dq_parts))]
         plgpu.barrier_wait(dq_full.at[buf])
@@ -688,7 +744,7 @@ def _fused(
 
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
-        slot = lax.rem(_step(g, i, lo, num_q), stages)
+        slot = lax.rem(_step(g, i, lo, num_q, down), stages)
         buf = lax.rem(visits, 2)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
@@ -728,12 +784,12 @@ def _fused(
         return dk, dv, visits + 1
 
       def skip(g, i, carry):
-        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q), stages))
+        _skip_tile((q_bar, do_bar), consumed, lax.rem(_step(g, i, lo, num_q, down), stages))
         return carry
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, edges)
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, edges, down)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
