@@ -27,6 +27,8 @@ point as it is measured, then a table:
 - ``ord-downN``: causal, the last pairs (enough for N key blocks) launched heaviest
   block first, adding from the lowest block up (``tuning.ORDERED_DOWN_BLOCKS``;
   ``ord-down0``: none, ``ord-down1000000``: every pair);
+- ``ord-pollfirst`` / ``ord-polllast``: the writer polls for its turn at a tile before /
+  after the consumers' slabs of the tile are in (``tuning.ORDERED_POLL_FIRST``);
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
@@ -56,6 +58,8 @@ VARIANTS = {
   "ord-nosync": lambda: _no_wait(signal=False),
   "ord-noland": lambda: _no_wait(signal=False, land=False),
   "ord-poll0": lambda: _poll_zero(),
+  "ord-pollfirst": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", True),
+  "ord-polllast": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", False),
 }
 
 

@@ -207,6 +207,10 @@ ORDERED_DQ_PARTS = 1
 # 512 / 514 (517 / 514), 486 / 491 (489 / 495). Within each call's noise one by one,
 # seven of eight the same way; 8 and 64 words apart measured alike (call3).
 ORDERED_SEM_STRIDE = 32
+# The ordered kernel's dQ writer polls for its turn at a tile before it waits for the
+# consumers' slabs of that tile (True), so the poll's round trip overlaps their work,
+# or after (False).
+ORDERED_POLL_FIRST = False
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),
@@ -223,8 +227,13 @@ ORDERED_CHUNK_CAUSAL = False
 # Causal calls: the ordered kernel's last pairs, enough of them for this many key
 # blocks, launch their heaviest key block first and add from the lowest block up
 # (mosaic/backward.py::_ordered_cta), so that the grid does not end on one pair's
-# heaviest blocks. 0: none (every pair lightest first).
-ORDERED_DOWN_BLOCKS = 0
+# heaviest blocks with SMs idle beside them. 0: none (every pair lightest first).
+# H200 (results/s11_down), fwd+bwd TFLOP/s, causal head dim 128, none / 128 blocks /
+# every pair / cuDNN: 513 / 527 / 525 / 530 at 16k (call 2: 514 / 530, one pair 529,
+# cuDNN 530), 493 / 498 / 474 / 492 at 8k (495 / 500 / 492); 4k 461 / 468 / 446;
+# head dim 64: 451 / 456 / 426 at 16k, 399 / 399 / 368 at 4k. Every pair heaviest
+# first waits at every tile as the non-causal kernel does (474 at 8k).
+ORDERED_DOWN_BLOCKS = 128
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never). Tenth session, H200 (results/s10_ordered/call6), head dim 64 fwd+bwd
 # TFLOP/s, two-kernel / ordered / cuDNN: non-causal 341 / 341 / 343 at 1k, 366 / 400 /

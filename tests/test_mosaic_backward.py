@@ -297,20 +297,21 @@ def _check_dq_turns(blocks, first, stop, down=False):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
-@pytest.mark.parametrize("parts", [1, 2, 4, "down16", "down_all"])
+@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16"])
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, rng, monkeypatch):
   """Many key blocks add into each dQ tile (16 CTAs per head): five calls give the
   same bits (the semaphores also come back to zero after each call, or the next call
   would wait forever or add out of order), close to the unordered kernel's dQ; with
-  the adds counted per tile, per consumer slab or per half slab; ``down16`` /
-  ``down_all``: one count a tile, causal, the last of the four pairs (16 key blocks) /
-  every pair launched heaviest key block first (tuning.ORDERED_DOWN_BLOCKS)."""
+  the adds counted per tile, per consumer slab or per half slab. Causal, by default
+  every pair of these shapes is launched heaviest key block first
+  (tuning.ORDERED_DOWN_BLOCKS); ``up`` / ``down16``: one count a tile, none / the last
+  of the four pairs (16 key blocks) is."""
   if isinstance(parts, str):
     if not causal:
       pytest.skip("heaviest first: causal calls only")
-    monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", 16 if parts == "down16" else 1 << 20)
+    monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", 0 if parts == "up" else 16)
     parts = 1
   monkeypatch.setattr(tuning, "ORDERED_DQ_PARTS", parts)
   jax.clear_caches()  # backward_jit's cache keys on its arguments, not on the table
@@ -399,15 +400,16 @@ def test_backward_through_shared_memory(rng):
     (128, FUSED_COLS, True, 1),
     (128, FUSED_COLS, True, 2),
     (128, FUSED_COLS, False, 1),
-    (128, FUSED_COLS, True, "down"),
+    (128, FUSED_COLS, True, "up"),
   ],
 )
 def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypatch):
   """The GPU-only path (wgmma from registers) lowers: layouts and shared memory fit
-  ("down": one count a tile, a pair launched heaviest key block first)."""
-  if parts == "down":
+  (the mask is causal: by default every pair of these shapes is launched heaviest key
+  block first, tuning.ORDERED_DOWN_BLOCKS; "up": one count a tile, none is)."""
+  if parts == "up":
     parts = 1
-    monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", 1)
+    monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", 0)
   monkeypatch.setattr(tuning, "ORDERED_DQ_PARTS", parts)
   if blocks == "no_split":  # one warpgroup holding both dK and dV (it spills, but lowers)
     blocks = dataclasses.replace(tuning.mosaic_blocks(h), dkv_split=False)

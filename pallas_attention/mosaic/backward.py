@@ -490,13 +490,15 @@ def _dq_turn(kv_block, first, stop, down=False):
   return tuple(jnp.where(down, b, a) for a, b in zip(above, below, strict=True))
 
 
-def _add_part(sem, copies, turn, last, more) -> None:
+def _add_part(sem, copies, turn, last, more, ready=None) -> None:
   """Once ``turn`` adds of this part are counted in ``sem``, store (turn 0) or add the
   ``(source, target)`` pairs that ``copies()`` gives; the last adder takes the count
-  back to zero."""
+  back to zero. ``ready``: called between the wait and the copies (the slabs' barrier)."""
   wait = functools.partial(plgpu.semaphore_wait, sem, turn, memory_scope="gpu")
   pl.when((turn > 0) & more)(functools.partial(wait, decrement=False))
   pl.when((turn > 0) & last)(functools.partial(wait, decrement=True))
+  if ready is not None:
+    ready()
 
   def copy(op):
     for source, target in copies():
@@ -694,9 +696,13 @@ def _fused(
         turn, last, more = _dq_turn(kv_block, first, stop, down)
         tile = (batch * n + head) * (t // bq) + i
         sems = [counts.at[(tile * len(dq_parts) + p) * sem_stride] for p in range(len(dq_parts))]
-        plgpu.barrier_wait(dq_full.at[buf])
-        for sem, part in zip(sems, dq_parts, strict=True):
-          _add_part(sem, functools.partial(part_copies, buf, i, head, part), turn, last, more)
+        slabs_in = functools.partial(plgpu.barrier_wait, dq_full.at[buf])
+        poll_first = tuning.ORDERED_POLL_FIRST
+        if not poll_first:
+          slabs_in()
+        for p, (sem, part) in enumerate(zip(sems, dq_parts, strict=True)):
+          copies = functools.partial(part_copies, buf, i, head, part)
+          _add_part(sem, copies, turn, last, more, slabs_in if poll_first and p == 0 else None)
         for p, sem in enumerate(sems):
           later = sum(len(part) for part in dq_parts[p + 1 :])
           plgpu.wait_smem_to_gmem(later)  # part p has landed in memory, not only been read
