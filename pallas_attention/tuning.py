@@ -211,6 +211,9 @@ ORDERED_SEM_STRIDE = 32
 # consumers' slabs of that tile (True), so the poll's round trip overlaps their work,
 # or after (False).
 ORDERED_POLL_FIRST = False
+# Warps of the ordered kernel's producer warpgroup that write dQ: 1, or 2 (one per slab
+# buffer, so one tile's poll and add overlap the other's landing).
+ORDERED_WRITERS = 1
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),
