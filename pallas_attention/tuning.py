@@ -209,10 +209,14 @@ ORDERED_DQ_PARTS = 1
 ORDERED_SEM_STRIDE = 32
 # The ordered kernel's dQ writer polls for its turn at a tile before it waits for the
 # consumers' slabs of that tile (True), so the poll's round trip overlaps their work,
-# or after (False).
-ORDERED_POLL_FIRST = False
+# or after (False). H200 (results/s11_down, calls 3 and 4), fwd+bwd TFLOP/s head dim
+# 128, after / before: non-causal 16k 541 / 548 and 540 / 548 (cuDNN 551), 8k 539 /
+# 540, 540 / 541; causal 16k 525 / 532, 527 / 533 (cuDNN 529, 527), 8k 500 / 499,
+# 503 / 502.
+ORDERED_POLL_FIRST = True
 # Warps of the ordered kernel's producer warpgroup that write dQ: 1, or 2 (one per slab
-# buffer, so one tile's poll and add overlap the other's landing).
+# buffer, so one tile's poll and add overlap the other's landing). Two measured the
+# same or worse (call 4: 543 and 546 with the poll first at 16k, causal 8k 491 / 496).
 ORDERED_WRITERS = 1
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,

@@ -297,7 +297,7 @@ def _check_dq_turns(blocks, first, stop, down=False):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
-@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "poll_first", "writers2"])
+@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "other_poll", "writers2"])
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, rng, monkeypatch):
@@ -307,10 +307,10 @@ def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, r
   the adds counted per tile, per consumer slab or per half slab. Causal, by default
   every pair of these shapes is launched heaviest key block first
   (tuning.ORDERED_DOWN_BLOCKS); ``up`` / ``down16``: one count a tile, none / the last
-  of the four pairs (16 key blocks) is; ``poll_first``: the writer polls for its turn
-  before the slabs are in (tuning.ORDERED_POLL_FIRST: the other order than the
-  default); ``writers2``: two writer warps (tuning.ORDERED_WRITERS)."""
-  if parts == "poll_first":
+  of the four pairs (16 key blocks) is; ``other_poll``: the writer polls for its turn
+  after the slabs are in, not before (tuning.ORDERED_POLL_FIRST); ``writers2``: two
+  writer warps (tuning.ORDERED_WRITERS)."""
+  if parts == "other_poll":
     monkeypatch.setattr(tuning, "ORDERED_POLL_FIRST", not tuning.ORDERED_POLL_FIRST)
     parts = 1
   if parts == "writers2":

@@ -608,16 +608,19 @@ def _fused(
   has no key block at all (a mask that hides whole tiles; its dQ must be zeros). The
   waiting is done by a writer warp of the producer warpgroup (``plgpu.warp_map``: warp
   0 fetches, warp 1 writes dQ), to which the consumers hand their slabs through a
-  double-buffered tile, so they only wait if it falls two tiles behind. The key-block
-  grid axis is launched from the last block down, so a block only waits for blocks
-  launched before it. Query tiles are visited upward: with a causal mask block ``j`` starts at its
-  diagonal, which no higher block sees, and reaches each later tile some steps after
-  block ``j + 1`` did, so it need not wait (adding in increasing order instead makes
-  every block wait for the whole chain below it before its first add). The price,
-  with a causal mask: a pair's heaviest CTAs (its lowest key blocks) start last, so
-  SMs idle at the end of the grid (``tuning._ORDERED_MIN_KV`` keeps causal head dim 128
-  shorter than 4k on the two-kernel backward). Non-causal, blocks that start together
-  still trail each other by one add; ``_ordered_cta`` shortens those chains.
+  double-buffered tile, so they only wait if it falls two tiles behind; it polls for
+  its turn at a tile before the slabs are in (``tuning.ORDERED_POLL_FIRST``). The
+  key-block grid axis is launched from the last block down, so a block only waits for
+  blocks launched before it. Query tiles are visited upward: with a causal mask block
+  ``j`` starts at its diagonal, which no higher block sees, and reaches each later tile
+  some steps after block ``j + 1`` did, so it need not wait (adding in increasing order
+  instead makes every block wait for the whole chain below it before its first add).
+  The price, with a causal mask: a pair's heaviest CTAs (its lowest key blocks) start
+  last, so the grid would end on the last pair's heaviest blocks with SMs idle beside
+  them: the last pairs (``tuning.ORDERED_DOWN_BLOCKS``) therefore run the other way
+  round (``_ordered_cta``: heaviest first, adding from the lowest block up, tiles
+  visited downward). Non-causal, blocks that start together still trail each other by
+  one add; ``_ordered_cta`` shortens those chains.
 
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
   ``reduce=False`` each CTA writes its partial dQ to a slice of its own
