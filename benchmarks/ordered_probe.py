@@ -53,7 +53,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_attention import tuning
 
 VARIANTS = {
-  "ord-headwise": lambda: mock.patch.object(tuning, "ORDERED_CHUNK", 0),
+  "ord-headwise": lambda: _both(
+    mock.patch.object(tuning, "ORDERED_CHUNK", 0),
+    mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
+  ),
   "ord-chunk8": lambda: _chunks(8),
   "ord-chunk4": lambda: _chunks(4),
   "ord-nowait": lambda: _no_wait(),
@@ -99,6 +102,7 @@ def _chunks(size: int, wave: int | None = None):
     mock.patch.object(tuning, "ORDERED_CHUNK_MAX_KV", 1 << 20),
     mock.patch.object(tuning, "ORDERED_CHUNK_CAUSAL", True),
     mock.patch.object(tuning, "ORDERED_WAVE", wave or tuning.ORDERED_WAVE),
+    mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
   ):
     yield
 
@@ -134,6 +138,7 @@ def _no_wait(signal: bool = True, land: bool = True):
   wait_stores = plgpu.wait_smem_to_gmem
   with contextlib.ExitStack() as stack:
     stack.enter_context(mock.patch.object(tuning, "ORDERED_CHUNK", 0))
+    stack.enter_context(mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}))
     stack.enter_context(mock.patch.object(plgpu, "semaphore_wait", lambda *a, **k: None))
     if not signal:
       stack.enter_context(mock.patch.object(plgpu, "semaphore_signal", lambda *a, **k: None))

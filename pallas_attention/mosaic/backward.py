@@ -521,22 +521,27 @@ def _dq_parts(consumers: int, slab_rows: int, parts: int) -> tuple:
   return tuple(((c, u * rows, rows),) for c in range(consumers) for u in range(per_slab))
 
 
-def _ordered_chunks(pairs: int, num_kv: int, causal: bool = False) -> tuple[int, int]:
+def _ordered_chunks(
+  pairs: int, num_kv: int, causal: bool = False, head_dim: int | None = None
+) -> tuple[int, int]:
   """``(chunk, group)`` of the ordered fused kernel's launch order (``_ordered_cta``):
   ``chunk`` key blocks of a (batch, kv head) pair start together, beside the same
   chunk of ``group`` - 1 other pairs. (num_kv, 1): the pairs one after the other,
   which is what causal calls and more than ``tuning.ORDERED_CHUNK_MAX_KV`` key
-  blocks get (measured: see tuning.ORDERED_CHUNK)."""
-  chunk = tuning.ORDERED_CHUNK
+  blocks get (measured: see tuning.ORDERED_CHUNK), unless
+  ``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` has the head dim (non-causal, any key count)."""
+  chunk, wave, max_kv = tuning.ORDERED_CHUNK, tuning.ORDERED_WAVE, tuning.ORDERED_CHUNK_MAX_KV
+  if not causal and head_dim in tuning.ORDERED_CHUNK_BY_HEAD_DIM:
+    (chunk, wave), max_kv = tuning.ORDERED_CHUNK_BY_HEAD_DIM[head_dim], num_kv
   chunked = (
     chunk
     and (tuning.ORDERED_CHUNK_CAUSAL or not causal)
-    and chunk < num_kv <= tuning.ORDERED_CHUNK_MAX_KV
+    and chunk < num_kv <= max_kv
     and num_kv % chunk == 0
   )
   if not chunked:
     return num_kv, 1
-  group = max((d for d in range(1, tuning.ORDERED_WAVE // chunk + 1) if pairs % d == 0), default=1)
+  group = max((d for d in range(1, wave // chunk + 1) if pairs % d == 0), default=1)
   return chunk, group
 
 
@@ -549,7 +554,7 @@ def _ordered_down_pairs(pairs: int, num_kv: int, causal: bool) -> int:
   return min(pairs, -(-tuning.ORDERED_DOWN_BLOCKS // num_kv))
 
 
-def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=False):
+def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=False, head_dim=None):
   """(batch, kv head, key block, down) of a CTA of the ordered fused kernel.
 
   Every (batch, kv head) pair's key blocks are launched from the last down, so a
@@ -569,7 +574,7 @@ def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=Fal
   reach each tile one step before the block it waits for).
   """
   pairs = b * kv_heads
-  chunk, group = _ordered_chunks(pairs, num_kv, causal)
+  chunk, group = _ordered_chunks(pairs, num_kv, causal, head_dim)
   linear = (batch_axis * kv_heads + head_axis) * num_kv + kv_axis  # launch order
   in_chunk, linear = lax.rem(linear, chunk), lax.div(linear, chunk)
   in_group, linear = lax.rem(linear, group), lax.div(linear, group)
@@ -656,7 +661,7 @@ def _fused(
     kv_block = lax.axis_index("kv")
     down = False
     if ordered:
-      cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal)
+      cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal, h)
       batch, kv_head, kv_block, down = _ordered_cta(*cta)
     k0 = kv_block * bk
     lo, _, _, hi = q_range(k0, bk, bq)
