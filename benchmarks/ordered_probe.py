@@ -29,6 +29,8 @@ point as it is measured, then a table:
   ``ord-down0``: none, ``ord-down1000000``: every pair);
 - ``ord-pollfirst`` / ``ord-polllast``: the writer polls for its turn at a tile before /
   after the consumers' slabs of the tile are in (``tuning.ORDERED_POLL_FIRST``);
+- ``ord-globalchunks``: the launch order of ``tuning.ORDERED_CHUNK`` for every head dim
+  (``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` emptied);
 - ``ord-writers2``: two dQ writer warps, one per slab buffer (``tuning.ORDERED_WRITERS``);
   ``ord-pollfirst-writers2`` with the poll first;
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
@@ -66,6 +68,7 @@ VARIANTS = {
   "ord-pollfirst": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", True),
   "ord-polllast": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", False),
   "ord-writers2": lambda: mock.patch.object(tuning, "ORDERED_WRITERS", 2),
+  "ord-globalchunks": lambda: mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
   "ord-pollfirst-writers2": lambda: _both(
     mock.patch.object(tuning, "ORDERED_POLL_FIRST", True),
     mock.patch.object(tuning, "ORDERED_WRITERS", 2),

@@ -164,6 +164,25 @@ def test_backward_fused_ordered_in_chunks(rng, monkeypatch):
   _check(rng, 2, 128, 256, 4, 2, 64, masks.MaskSpec(), None, 230, FUSED_ONE)
 
 
+def test_backward_fused_ordered_pairs_in_turn(rng):
+  """head_dim 128 non-causal: two pairs' key blocks launched in turn
+  (tuning.ORDERED_CHUNK_BY_HEAD_DIM), at any key count; other head dims and causal
+  calls keep the general rule. Through the interpreter against the reference."""
+  assert tuning.ORDERED_CHUNK_BY_HEAD_DIM[128] == (1, 2)
+  assert mosaic_bwd._ordered_chunks(16, 128, head_dim=128) == (1, 2)
+  assert mosaic_bwd._ordered_chunks(3, 128, head_dim=128) == (1, 1)  # odd: one pair
+  assert mosaic_bwd._ordered_chunks(16, 128, causal=True, head_dim=128) == (128, 1)
+  assert mosaic_bwd._ordered_chunks(16, 128, head_dim=64) == (128, 1)
+  b, t, s, kv_heads, num_kv = 2, 128, 256, 1, 4
+  grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
+  axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]
+  *cta, _ = mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv, head_dim=128)
+  batch, _, block = (np.asarray(x) for x in cta)
+  assert batch.tolist() == [0, 1] * num_kv  # the two pairs in turn
+  assert block.tolist() == [3, 3, 2, 2, 1, 1, 0, 0]  # each from its last key block down
+  _check(rng, b, t, s, 2, kv_heads, 128, masks.MaskSpec(), None, 250, FUSED_ONE, deterministic=True)
+
+
 @pytest.mark.parametrize("down_blocks", [4, 1 << 20], ids=["last_pair", "every_pair"])
 def test_backward_fused_ordered_heaviest_first(down_blocks, rng, monkeypatch):
   """Causal, the ordered kernel's last pair (or every pair) launched heaviest key block
