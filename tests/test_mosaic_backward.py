@@ -164,6 +164,41 @@ def test_backward_fused_ordered_in_chunks(rng, monkeypatch):
   _check(rng, 2, 128, 256, 4, 2, 64, masks.MaskSpec(), None, 230, FUSED_ONE)
 
 
+@pytest.mark.parametrize("down", [False, True])
+@pytest.mark.parametrize("edges", [(False, False), (True, False), (False, True), (True, True)])
+def test_sweep_order(down, edges):
+  """``_sweep`` (plain JAX loops, run here outside a kernel): every tile of [lo, hi) once,
+  in order (from hi - 1 down where ``down``, traced), visited where the rows may see it
+  and masked outside the fully seen run, skipped elsewhere."""
+  ranges = lo, c_lo, f_lo, f_hi, c_hi, hi = 1, 3, 4, 6, 8, 10
+  log0 = (jnp.zeros(16, jnp.int32) - 1, jnp.int32(0))
+
+  def record(code, i, carry):
+    log, n = carry
+    return log.at[n].set(code * 100 + i), n + 1
+
+  def visit(masked, i, carry):
+    return record(1 if masked is False else jnp.where(masked, 2, 1), i, carry)
+
+  def skip(i, carry):
+    return record(3, i, carry)
+
+  traced = jnp.asarray(down) if down else False
+  log, n = mosaic_bwd._sweep(ranges, visit, skip, log0, edges, traced)
+  got = np.asarray(log)[: int(n)].tolist()
+  lead, trail = edges
+  expected = []
+  for i in range(lo, hi):
+    if not any(edges):
+      expected.append(100 + i)
+    elif not c_lo <= i < c_hi:
+      expected.append(300 + i)
+    else:
+      masked = (lead and i < f_lo) or (trail and i >= f_hi)
+      expected.append((200 if masked else 100) + i)
+  assert got == (expected[::-1] if down else expected)
+
+
 def test_backward_fused_ordered_pairs_in_turn(rng):
   """head_dim 128 non-causal: two pairs' key blocks launched in turn
   (tuning.ORDERED_CHUNK_BY_HEAD_DIM), at any key count; other head dims and causal
