@@ -31,8 +31,6 @@ point as it is measured, then a table:
   after the consumers' slabs of the tile are in (``tuning.ORDERED_POLL_FIRST``);
 - ``ord-globalchunks``: the launch order of ``tuning.ORDERED_CHUNK`` for every head dim
   (``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` emptied);
-- ``ord-writers2``: two dQ writer warps, one per slab buffer (``tuning.ORDERED_WRITERS``);
-  ``ord-pollfirst-writers2`` with the poll first;
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
@@ -67,12 +65,7 @@ VARIANTS = {
   "ord-poll0": lambda: _poll_zero(),
   "ord-pollfirst": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", True),
   "ord-polllast": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", False),
-  "ord-writers2": lambda: mock.patch.object(tuning, "ORDERED_WRITERS", 2),
   "ord-globalchunks": lambda: mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
-  "ord-pollfirst-writers2": lambda: _both(
-    mock.patch.object(tuning, "ORDERED_POLL_FIRST", True),
-    mock.patch.object(tuning, "ORDERED_WRITERS", 2),
-  ),
 }
 
 

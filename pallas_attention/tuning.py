@@ -214,10 +214,8 @@ ORDERED_SEM_STRIDE = 32
 # 540, 540 / 541; causal 16k 525 / 532, 527 / 533 (cuDNN 529, 527), 8k 500 / 499,
 # 503 / 502.
 ORDERED_POLL_FIRST = True
-# Warps of the ordered kernel's producer warpgroup that write dQ: 1, or 2 (one per slab
-# buffer, so one tile's poll and add overlap the other's landing). Two measured the
-# same or worse (call 4: 543 and 546 with the poll first at 16k, causal 8k 491 / 496).
-ORDERED_WRITERS = 1
+# (Two dQ writer warps, one per slab buffer, measured the same or worse in call 4 and
+# on the H100 in the eighth session; tried in 41f5f92, removed.)
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),

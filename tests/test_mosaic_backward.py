@@ -351,7 +351,7 @@ def _check_dq_turns(blocks, first, stop, down=False):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
-@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "other_poll", "writers2"])
+@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "other_poll"])
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, rng, monkeypatch):
@@ -362,13 +362,9 @@ def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, r
   every pair of these shapes is launched heaviest key block first
   (tuning.ORDERED_DOWN_BLOCKS); ``up`` / ``down16``: one count a tile, none / the last
   of the four pairs (16 key blocks) is; ``other_poll``: the writer polls for its turn
-  after the slabs are in, not before (tuning.ORDERED_POLL_FIRST); ``writers2``: two
-  writer warps (tuning.ORDERED_WRITERS)."""
+  after the slabs are in, not before (tuning.ORDERED_POLL_FIRST)."""
   if parts == "other_poll":
     monkeypatch.setattr(tuning, "ORDERED_POLL_FIRST", not tuning.ORDERED_POLL_FIRST)
-    parts = 1
-  if parts == "writers2":
-    monkeypatch.setattr(tuning, "ORDERED_WRITERS", 2)
     parts = 1
   if isinstance(parts, str):
     if not causal:
@@ -463,7 +459,6 @@ def test_backward_through_shared_memory(rng):
     (128, FUSED_COLS, True, 2),
     (128, FUSED_COLS, False, 1),
     (128, FUSED_COLS, True, "up"),
-    (64, FUSED_ROWS, True, "writers2"),
   ],
 )
 def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypatch):
@@ -473,9 +468,6 @@ def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypa
   if parts == "up":
     parts = 1
     monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", 0)
-  if parts == "writers2":  # two dQ writer warps
-    parts = 1
-    monkeypatch.setattr(tuning, "ORDERED_WRITERS", 2)
   monkeypatch.setattr(tuning, "ORDERED_DQ_PARTS", parts)
   if blocks == "no_split":  # one warpgroup holding both dK and dV (it spills, but lowers)
     blocks = dataclasses.replace(tuning.mosaic_blocks(h), dkv_split=False)

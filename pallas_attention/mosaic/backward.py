@@ -682,7 +682,7 @@ def _fused(
         down,
       )
 
-    def write_dq(counts, writer=0, writers=1):
+    def write_dq(counts):
       """The dQ writer (one warp of the producer warpgroup, ordered path): adds the
       consumers' slabs of each tile once it is this key block's turn (the first block
       of a tile, turn 0, stores them: the buffer need not start at zero). With a count
@@ -718,11 +718,7 @@ def _fused(
         plgpu.barrier_arrive(dq_free.at[buf])
         return carry
 
-      if writers == 1:
-        lax.fori_loop(0, group * num_q, step, 0)
-      else:  # writer w takes the steps of slab buffer w
-        turns = lax.div(group * num_q - writer + 1, 2)
-        lax.fori_loop(0, turns, lambda j, carry: step(2 * j + writer, carry), 0)
+      lax.fori_loop(0, group * num_q, step, 0)
 
     @pl.when(wg == consumers)
     def _producer():
@@ -736,13 +732,10 @@ def _fused(
         plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * len(dq_parts) * sem_stride,))
       )
 
-      writers = tuning.ORDERED_WRITERS
-
       @plgpu.warp_map
       def _(warp):
         pl.when(warp == 0)(produce)
-        for w in range(writers):
-          pl.when(warp == 1 + w)(functools.partial(write_dq, counts, w, writers))
+        pl.when(warp == 1)(functools.partial(write_dq, counts))
 
     @pl.when(wg < consumers)
     def _consumer():
