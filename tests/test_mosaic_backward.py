@@ -164,6 +164,13 @@ def test_backward_fused_ordered_in_chunks(rng, monkeypatch):
   _check(rng, 2, 128, 256, 4, 2, 64, masks.MaskSpec(), None, 230, FUSED_ONE)
 
 
+def _launch_axes(b, kv_heads, num_kv):
+  """The ordered kernel's grid axes (batch, kv head, key block), one entry per CTA in
+  launch order (the grid's last axis fastest)."""
+  grid = np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij")
+  return [jnp.asarray(x.ravel(), jnp.int32) for x in grid]
+
+
 @pytest.mark.parametrize("down", [False, True])
 @pytest.mark.parametrize("edges", [(False, False), (True, False), (False, True), (True, True)])
 def test_sweep_order(down, edges):
@@ -209,8 +216,7 @@ def test_backward_fused_ordered_pairs_in_turn(rng):
   assert mosaic_bwd._ordered_chunks(16, 128, causal=True, head_dim=128) == (128, 1)
   assert mosaic_bwd._ordered_chunks(16, 128, head_dim=64) == (128, 1)
   b, t, s, kv_heads, num_kv = 2, 128, 256, 1, 4
-  grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
-  axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]
+  axes = _launch_axes(b, kv_heads, num_kv)
   *cta, _ = mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv, head_dim=128)
   batch, _, block = (np.asarray(x) for x in cta)
   assert batch.tolist() == [0, 1] * num_kv  # the two pairs in turn
@@ -253,8 +259,7 @@ def test_ordered_launch_order(b, kv_heads, num_kv, chunk, wave, monkeypatch):
   monkeypatch.setattr(tuning, "ORDERED_CHUNK", chunk)
   monkeypatch.setattr(tuning, "ORDERED_WAVE", wave)
   monkeypatch.setattr(tuning, "ORDERED_CHUNK_MAX_KV", 1024)  # chunks at any count here
-  grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
-  axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]  # ravel: launch order
+  axes = _launch_axes(b, kv_heads, num_kv)
   *cta, down = mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv)
   assert down is False  # not causal
   batch, head, block = (np.asarray(x) for x in cta)
@@ -277,8 +282,7 @@ def test_ordered_launch_order_heaviest_first(down_blocks, down_pairs, monkeypatc
   their key blocks from the first up, the others from the last down; every CTA once."""
   monkeypatch.setattr(tuning, "ORDERED_DOWN_BLOCKS", down_blocks)
   b, kv_heads, num_kv = 2, 3, 16
-  grid = np.stack(np.meshgrid(np.arange(b), np.arange(kv_heads), np.arange(num_kv), indexing="ij"))
-  axes = [jnp.asarray(x.ravel(), jnp.int32) for x in grid]  # ravel: launch order
+  axes = _launch_axes(b, kv_heads, num_kv)
   *cta, down = mosaic_bwd._ordered_cta(*axes, b, kv_heads, num_kv, causal=True)
   batch, head, block = (np.asarray(x) for x in cta)
   down = np.zeros(block.shape, bool) if down is False else np.asarray(down)
