@@ -2,9 +2,11 @@
 
 Runs ``--calls`` calls of each implementation's fwd+bwd (bench.py's functions, the
 protocol's shapes) under ``jax.profiler.trace`` with a Perfetto trace, reads the trace
-back and prints, per implementation, every GPU kernel's time per call (µs) and its share
-of the kernels' sum, largest first: the attention kernels beside XLA's fusions around
-them (the delta reduction, the dQ conversion, any copy).
+back and prints, per implementation, every GPU kernel's time per call (µs), its share of
+the kernels' sum and its spread over launches, largest first: the attention kernels
+beside XLA's fusions around them (the delta reduction, the dQ conversion, any copy).
+Kernels run at the card's burst clock here (a few calls); bench.py's sustained timing
+runs into the power cap.
 
     python benchmarks/profile_step.py --seqlen 16384 --head-dim 128 --impls mosaic cudnn
 """
@@ -16,6 +18,7 @@ import collections
 import gzip
 import json
 import pathlib
+import statistics
 import sys
 import tempfile
 
@@ -23,8 +26,8 @@ import bench
 import jax
 
 
-def _kernel_times(log_dir: pathlib.Path, rows: str, stream: str) -> dict[str, float]:
-  """Summed duration (µs) per event name on the trace's rows whose process name has
+def _kernel_times(log_dir: pathlib.Path, rows: str, stream: str) -> dict[str, list[float]]:
+  """Every duration (µs) per event name on the trace's rows whose process name has
   ``rows`` and thread name ``stream`` (the GPU streams, not the XLA op/module rows)."""
   [path] = sorted(log_dir.rglob("perfetto_trace.json.gz"))
   with gzip.open(path) as fp:
@@ -43,11 +46,11 @@ def _kernel_times(log_dir: pathlib.Path, rows: str, stream: str) -> dict[str, fl
   print("trace rows:", sorted(set(names.values())), file=sys.stderr)
   print("trace threads:", sorted(set(threads.values()))[:40], file=sys.stderr)
   gpu = {pid for pid, name in names.items() if rows in name}
-  totals = collections.Counter()
+  totals = collections.defaultdict(list)
   for e in events:
     thread = threads.get((e.get("pid"), e.get("tid")), "")
     if e.get("ph") == "X" and e.get("pid") in gpu and stream in thread and "dur" in e:
-      totals[e["name"]] += float(e["dur"])
+      totals[e["name"]].append(float(e["dur"]))
   return totals
 
 
@@ -79,16 +82,20 @@ def main(argv=None) -> int:
             out = fn(*data)
           jax.block_until_ready(out)
         totals = _kernel_times(pathlib.Path(tmp), args.rows, args.stream)
-    whole = sum(totals.values()) / args.calls
+    whole = sum(map(sum, totals.values())) / args.calls
     if not whole:
       print(f"\n## {impl}: no events on rows named {args.rows!r}")
       continue
     print(f"\n## {impl}: {whole:.0f} µs of kernels a call\n")
-    print("| kernel | µs a call | share |")
-    print("|---|---|---|")
-    for name, total in totals.most_common(args.top):
-      per_call = total / args.calls
-      print(f"| {name[:70]} | {per_call:.1f} | {per_call / whole:.1%} |")
+    print("| kernel | µs a call | share | launches a call | µs a launch: min / median / max |")
+    print("|---|---|---|---|---|")
+    ranked = sorted(totals.items(), key=lambda item: -sum(item[1]))
+    for name, times in ranked[: args.top]:
+      per_call = sum(times) / args.calls
+      spread = f"{min(times):.1f} / {statistics.median(times):.1f} / {max(times):.1f}"
+      row = [name[:70], f"{per_call:.1f}", f"{per_call / whole:.1%}"]
+      row += [f"{len(times) / args.calls:g}", spread]
+      print("| " + " | ".join(row) + " |")
     print(f"{impl}: {whole:.0f} us", file=sys.stderr, flush=True)
   return 0
 

@@ -327,7 +327,8 @@ def _registers(role: str) -> None:
     plgpu.set_max_registers(240, action="increase")
 
 
-def _call(body, out_type, scratch, grid, grid_names, consumers):
+def _call(body, out_type, scratch, grid, grid_names, consumers, name):
+  # ``name``: the kernel's name in profiles (benchmarks/profile_step.py).
   # Mosaic GPU launches the last grid axis fastest: give it the tile axis, so the CTAs
   # that stream the same head's tiles run side by side and share them in L2.
   return plgpu.kernel(
@@ -339,6 +340,7 @@ def _call(body, out_type, scratch, grid, grid_names, consumers):
     grid_names=grid_names,
     num_threads=consumers + 1,
     thread_name="wg",
+    kernel_name=name,
   )
 
 
@@ -431,7 +433,8 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
     plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
     plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
   ]
-  call = _call(kernel, (k, v), scratch, (b, kv_heads, s // bk), ("batch", "heads", "kv"), consumers)
+  grid = (b, kv_heads, s // bk)
+  call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), consumers, "attention_dkv")
   return call(q, k, v, do, lse2, delta)
 
 
@@ -844,13 +847,14 @@ def _fused(
     ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
   grid = (b, kv_heads, s // bk)
+  name = "attention_fused_ordered" if semaphores else "attention_fused"
   if stores_every_tile:
     dq_type = jax.ShapeDtypeStruct(acc_shape, jnp.float32)
-    call = _call(kernel, (dq_type, k, v), scratch, grid, ("batch", "heads", "kv"), consumers)
+    call = _call(kernel, (dq_type, k, v), scratch, grid, ("batch", "heads", "kv"), consumers, name)
     dq, dk, dv = call(q, k, v, do, lse2, delta)
   else:
     dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-    call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), consumers)
+    call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), consumers, name)
     dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
     dq = dq_acc[...]
   if not reduce:
@@ -1007,7 +1011,8 @@ def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_i
     plgpu.Barrier(num_arrivals=1, num_barriers=1),  # pᵀ read
     plgpu.Barrier(num_arrivals=consumers),  # both done with K and V
   ]
-  call = _call(kernel, (k, v), scratch, (b, kv_heads, s // ROWS), ("batch", "heads", "kv"), 2)
+  grid = (b, kv_heads, s // ROWS)
+  call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), 2, "attention_dkv_split")
   return call(q, k, v, do, lse2, delta)
 
 
@@ -1112,7 +1117,8 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
     plgpu.Barrier(num_barriers=stages),  # V
     plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
   ]
-  call = _call(kernel, q, scratch, (b, n, t // bq), ("batch", "heads", "q"), consumers)
+  grid = (b, n, t // bq)
+  call = _call(kernel, q, scratch, grid, ("batch", "heads", "q"), consumers, "attention_dq")
   return call(q, k, v, do, lse2, delta)
 
 

@@ -568,5 +568,6 @@ def forward(
     thread_name="wg",
     scratch_types=scratch,
     compiler_params=compiler_params(interpret),
+    kernel_name="attention_fwd",  # in profiles (benchmarks/profile_step.py)
   )
   return call(kernel_call, q, k, v, interpret=interpret)
