@@ -9,12 +9,15 @@ Kernels run at the card's burst clock here (a few calls); bench.py's sustained t
 runs into the power cap.
 
     python benchmarks/profile_step.py --seqlen 16384 --head-dim 128 --impls mosaic cudnn
+
+``--impls`` takes bench.py's implementations and ordered_probe.py's ``ord-*`` variants.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gzip
 import json
 import pathlib
@@ -24,6 +27,7 @@ import tempfile
 
 import bench
 import jax
+import ordered_probe
 
 
 def _kernel_times(log_dir: pathlib.Path, rows: str, stream: str) -> dict[str, list[float]]:
@@ -54,6 +58,22 @@ def _kernel_times(log_dir: pathlib.Path, rows: str, stream: str) -> dict[str, li
   return totals
 
 
+@contextlib.contextmanager
+def _context(impl: str):
+  """bench.py's variants, or ordered_probe.py's (``ord-*``: the ordered backward forced)."""
+  context = ordered_probe.variant(impl)
+  if context is None:
+    with bench._variant(impl):
+      yield
+    return
+  jax.clear_caches()  # jit caches key on the Problem, not on the table
+  try:
+    with bench._ordered_everywhere(), context:
+      yield
+  finally:
+    jax.clear_caches()
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seqlen", type=int, default=16384)
@@ -72,8 +92,8 @@ def main(argv=None) -> int:
   print(f"# {device}, jax {jax.__version__}, bf16, seqlen {args.seqlen}, head_dim")
   print(f"# {args.head_dim}, causal {args.causal}: GPU time per fwd+bwd call, µs")
   for impl in args.impls:
-    with bench._variant(impl):
-      fn = bench._fn(impl, args.causal, True)
+    with _context(impl):
+      fn = bench._fn("mosaic" if ordered_probe.variant(impl) else impl, args.causal, True)
       jax.block_until_ready(fn(*data))
       jax.block_until_ready(fn(*data))
       with tempfile.TemporaryDirectory() as tmp:
