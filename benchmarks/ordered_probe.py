@@ -33,10 +33,7 @@ point as it is measured, then a table:
   (``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` emptied);
 - ``ord-pairs``: key blocks two a cluster, their dQ slabs summed through distributed
   shared memory, one add a cluster into the chain (``tuning.ORDERED_PAIRS``; unmasked
-  calls); ``ord-pairs-nofence``: without the cluster fences around the hand-over (a
-  diagnostic: the barriers alone order at CTA scope); ``ord-pairs-noread``: the
-  leader adds its own slab twice instead of reading the lower block's (a diagnostic:
-  dQ is wrong);
+  calls);
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
@@ -57,7 +54,6 @@ import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_attention import tuning
-from pallas_attention.mosaic import backward as mosaic_bwd
 
 VARIANTS = {
   "ord-headwise": lambda: _both(
@@ -74,14 +70,6 @@ VARIANTS = {
   "ord-polllast": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", False),
   "ord-globalchunks": lambda: mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
   "ord-pairs": lambda: mock.patch.object(tuning, "ORDERED_PAIRS", frozenset({64, 128})),
-  "ord-pairs-nofence": lambda: _both(
-    mock.patch.object(tuning, "ORDERED_PAIRS", frozenset({64, 128})),
-    mock.patch.object(mosaic_bwd, "_cluster_fence", lambda: None),
-  ),
-  "ord-pairs-noread": lambda: _both(
-    mock.patch.object(tuning, "ORDERED_PAIRS", frozenset({64, 128})),
-    mock.patch.object(plgpu, "cluster_ref", lambda ref, _: ref),
-  ),
 }
 
 
