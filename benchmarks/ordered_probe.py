@@ -31,9 +31,6 @@ point as it is measured, then a table:
   after the consumers' slabs of the tile are in (``tuning.ORDERED_POLL_FIRST``);
 - ``ord-globalchunks``: the launch order of ``tuning.ORDERED_CHUNK`` for every head dim
   (``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` emptied);
-- ``ord-pairs``: key blocks two a cluster, their dQ slabs summed through distributed
-  shared memory, one add a cluster into the chain (``tuning.ORDERED_PAIRS``; unmasked
-  calls);
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
@@ -69,7 +66,6 @@ VARIANTS = {
   "ord-pollfirst": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", True),
   "ord-polllast": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", False),
   "ord-globalchunks": lambda: mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
-  "ord-pairs": lambda: mock.patch.object(tuning, "ORDERED_PAIRS", frozenset({64, 128})),
 }
 
 

@@ -246,10 +246,6 @@ ORDERED_CHUNK_BY_HEAD_DIM = {128: (1, 2)}
 # head dim 64: 451 / 456 / 426 at 16k, 399 / 399 / 368 at 4k. Every pair heaviest
 # first waits at every tile as the non-causal kernel does (474 at 8k).
 ORDERED_DOWN_BLOCKS = 128
-# Head dims whose ordered kernel runs key blocks two a cluster where the call has no
-# mask (mosaic/backward.py::_ordered_pairs): the pair's dQ slabs summed through
-# distributed shared memory, one add a pair into the chain. Empty: off.
-ORDERED_PAIRS: frozenset[int] = frozenset()
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never). Tenth session, H200 (results/s10_ordered/call6), head dim 64 fwd+bwd
 # TFLOP/s, two-kernel / ordered / cuDNN: non-causal 341 / 341 / 343 at 1k, 366 / 400 /

@@ -355,7 +355,7 @@ def _check_dq_turns(blocks, first, stop, down=False):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
-@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "other_poll", "pairs"])
+@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "other_poll"])
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, rng, monkeypatch):
@@ -366,13 +366,7 @@ def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, r
   every pair of these shapes is launched heaviest key block first
   (tuning.ORDERED_DOWN_BLOCKS); ``up`` / ``down16``: one count a tile, none / the last
   of the four pairs (16 key blocks) is; ``other_poll``: the writer polls for its turn
-  after the slabs are in, not before (tuning.ORDERED_POLL_FIRST); ``pairs``: key blocks
-  two a cluster, their dQ summed in shared memory (tuning.ORDERED_PAIRS; no mask)."""
-  if parts == "pairs":
-    if causal:
-      pytest.skip("key blocks two a cluster: unmasked calls only")
-    monkeypatch.setattr(tuning, "ORDERED_PAIRS", frozenset({h}))
-    parts = 1
+  after the slabs are in, not before (tuning.ORDERED_POLL_FIRST)."""
   if parts == "other_poll":
     monkeypatch.setattr(tuning, "ORDERED_POLL_FIRST", not tuning.ORDERED_POLL_FIRST)
     parts = 1
@@ -494,39 +488,6 @@ def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypa
   assert "mosaic_gpu" in text
   # The ordered fused kernel counts adds with global semaphores (a release add).
   assert ("red.release.gpu.global.add" in text) == (blocks.bwd_fused and deterministic)
-
-
-@pytest.mark.skipif(ON_GPU, reason="on the GPU the determinism test runs this path")
-@pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
-def test_paired_ordered_kernel_lowers_for_cuda(h, blocks, monkeypatch):
-  """Key blocks two a cluster (tuning.ORDERED_PAIRS): the leader reads the lower block's
-  dQ slabs from its shared memory (mapa: a cluster address) between cluster fences."""
-  monkeypatch.setattr(tuning, "ORDERED_PAIRS", frozenset({h}))
-  b, t, n, kv_heads = 1, 1024, 4, 2
-  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((b, t, kv_heads, h), jnp.bfloat16)
-  vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
-  static = dict(scale=0.1, spec=masks.MaskSpec(), q_len=t, kv_len=t)
-  choices = dict(p_in_registers=True, interpret=False, deterministic=True)
-  call = functools.partial(mosaic_bwd.kernels, **static, blocks=blocks, **choices)
-  lowered = jax.jit(call).trace(q, k, k, q, vec, vec).lower(lowering_platforms=("cuda",))
-  text = lowered.as_text()
-  assert "attention_fused_ordered_pairs" in text
-  assert "mapa.shared::cluster" in text and "fence.acq_rel.cluster" in text
-
-
-def test_ordered_pairs_only_unmasked(monkeypatch):
-  """Pairs need both key blocks of a cluster to add into the same query tiles: no mask,
-  no padding, an even number of key blocks, and the head dim in tuning.ORDERED_PAIRS."""
-  monkeypatch.setattr(tuning, "ORDERED_PAIRS", frozenset({128}))
-  pairs = mosaic_bwd._ordered_pairs
-  assert pairs(masks.MaskSpec(), 2048, 2048, 2048, 2048, 128, 128)
-  assert not pairs(masks.MaskSpec(), 2048, 2048, 2048, 2048, 128, 64)  # not in the set
-  assert not pairs(masks.MaskSpec(causal=True), 2048, 2048, 2048, 2048, 128, 128)
-  assert not pairs(masks.MaskSpec(window_left=100), 2048, 2048, 2048, 2048, 128, 128)
-  assert not pairs(masks.MaskSpec(), 2000, 2048, 2048, 2048, 128, 128)  # padded queries
-  assert not pairs(masks.MaskSpec(), 2048, 2000, 2048, 2048, 128, 128)  # padded keys
-  assert not pairs(masks.MaskSpec(), 384, 384, 384, 384, 128, 128)  # three key blocks
 
 
 def test_ordered_dq_parts():

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_attention import masks, tiles, tuning
@@ -328,9 +327,8 @@ def _registers(role: str) -> None:
     plgpu.set_max_registers(240, action="increase")
 
 
-def _call(body, out_type, scratch, grid, grid_names, consumers, name, cluster=0):
-  # ``name``: the kernel's name in profiles (benchmarks/profile_step.py). ``cluster``:
-  # CTAs a cluster along the last grid axis (axis name "pair"), 0 for none.
+def _call(body, out_type, scratch, grid, grid_names, consumers, name):
+  # ``name``: the kernel's name in profiles (benchmarks/profile_step.py).
   # Mosaic GPU launches the last grid axis fastest: give it the tile axis, so the CTAs
   # that stream the same head's tiles run side by side and share them in L2.
   return plgpu.kernel(
@@ -340,8 +338,6 @@ def _call(body, out_type, scratch, grid, grid_names, consumers, name, cluster=0)
     compiler_params=fwd.compiler_params(interpret=False),
     grid=grid,
     grid_names=grid_names,
-    cluster=(cluster,) if cluster else (),
-    cluster_names=("pair",) if cluster else (),
     num_threads=consumers + 1,
     thread_name="wg",
     kernel_name=name,
@@ -515,19 +511,6 @@ def _add_part(sem, copies, turn, last, more, ready=None) -> None:
   pl.when(turn > 0)(lambda: copy("add"))
 
 
-def _cluster_fence() -> None:
-  """``fence.acq_rel.cluster``: orders this thread's shared-memory accesses against the
-  other CTA of its cluster's (around the paired kernel's cluster barrier arrivals and
-  waits, which alone order at CTA scope)."""
-
-  @plgpu.inline_mgpu()
-  def _(ctx):
-    del ctx
-    mgpu.utils.inline_ptx("fence.acq_rel.cluster;", has_side_effects=True)
-
-  _()
-
-
 def _dq_parts(consumers: int, slab_rows: int, parts: int) -> tuple:
   """The parts of a query tile's dQ that the ordered kernel counts apart, each a tuple
   of ``(consumer slab, first row, rows)`` copies: ``parts`` 1, one part of every
@@ -539,15 +522,6 @@ def _dq_parts(consumers: int, slab_rows: int, parts: int) -> tuple:
     raise ValueError(f"ORDERED_DQ_PARTS={parts}: 1, {consumers} or {2 * consumers}")
   rows = slab_rows // per_slab
   return tuple(((c, u * rows, rows),) for c in range(consumers) for u in range(per_slab))
-
-
-def _ordered_pairs(spec, q_len: int, kv_len: int, t: int, s: int, bk: int, h: int) -> bool:
-  """Whether the ordered fused kernel runs its key blocks two a cluster
-  (``tuning.ORDERED_PAIRS``): for head dims in that set, with no mask at all (every key
-  block adds into every query tile, so the two blocks of a cluster see the same tiles)
-  and an even number of key blocks."""
-  unmasked = spec == masks.MaskSpec() and q_len == t and kv_len == s
-  return h in tuning.ORDERED_PAIRS and unmasked and (s // bk) % 2 == 0
 
 
 def _ordered_chunks(
@@ -656,16 +630,6 @@ def _fused(
   visited downward). Non-causal, blocks that start together still trail each other by
   one add; ``_ordered_cta`` shortens those chains.
 
-  Paired (``_ordered_pairs``: unmasked calls at the head dims of
-  ``tuning.ORDERED_PAIRS``): key blocks ``2u + 1`` and ``2u`` run as one cluster of two
-  CTAs, which takes one place in the chain. The lower block's consumers write their
-  slabs to their own shared memory; the leader's (the higher block's) read them from
-  there (distributed shared memory), add them to their own in registers and hand the
-  sums to the leader's writer, the only one of the two. Half as many adds a tile go
-  through the chain, each after half as many predecessors. Two cluster barriers pass
-  the slabs (``slab_in``) and their release (``peer_read``); each CTA waits every
-  phase of both, in order, so no arrival is still on its way to a CTA that has exited.
-
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
   ``reduce=False`` each CTA writes its partial dQ to a slice of its own
   (``[S / dkv_kv, B, T, N, H]``) and XLA sums them in a fixed order (fine for test
@@ -688,17 +652,9 @@ def _fused(
   stores_every_tile = semaphores and dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1].all()
   dq_parts = _dq_parts(consumers, slab_rows, tuning.ORDERED_DQ_PARTS) if semaphores else ()
   sem_stride = tuning.ORDERED_SEM_STRIDE
-  paired = semaphores and _ordered_pairs(spec, q_len, kv_len, t, s, bk, h)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
-    k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem = scratch[:7]
-    dq_smem, slabs = None, ()
-    if paired:  # a slab each (buffer, consumer), at the start of its own allocation
-      scratch, slabs = scratch[: -2 * consumers], scratch[-2 * consumers :]
-      *scratch, slab_in, peer_read = scratch
-      scratch = scratch[:7] + [None] + scratch[7:]
-    else:
-      dq_smem = scratch[7]
+    k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
     if semaphores:
       *scratch, dq_full, dq_free = scratch
     p_smem = scratch[8:-6]
@@ -707,37 +663,7 @@ def _fused(
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_block = lax.axis_index("kv")
     down = False
-    lead = True  # this CTA adds dQ (paired: the cluster's leader, the higher block)
-
-    def when_lead(fn):  # fn(), in the leader only where paired
-      return pl.when(lead)(fn) if paired else fn()
-
-    def slab(b0, c):  # the dQ slab of buffer b0 (static), consumer c (static)
-      return slabs[b0 * consumers + c] if paired else dq_smem.at[b0, c]
-
-    def at_slab(buf, c, fn):
-      """fn(slab) for buffer ``buf`` (traced) and consumer ``c`` (traced or static):
-      paired, each slab is an allocation of its own, picked by static branches."""
-      if not paired:
-        return fn(dq_smem.at[buf, c])
-      for b0 in range(2):
-        for c0 in range(consumers) if not isinstance(c, int) else (c,):
-          pl.when((buf == b0) & (c == c0))(functools.partial(fn, slab(b0, c0)))
-
-    def _pair_phases(buf, lead):
-      """One tile's phases of the paired barriers, waited by each CTA in order: the
-      lower block waits ``slab_in`` here (the leader did at the tile), both
-      ``peer_read`` (the leader has read the lower block's slabs)."""
-      pl.when(~lead)(lambda: plgpu.barrier_wait(slab_in.at[buf]))
-      plgpu.barrier_wait(peer_read.at[buf])
-
-    if paired:  # the grid's key axis counts clusters: the chain is one of clusters
-      cta = (batch, kv_head, kv_block, b, kv_heads, s // bk // 2, spec.causal, h)
-      batch, kv_head, unit, down = _ordered_cta(*cta)
-      rank = lax.axis_index("pair")
-      lead = rank == 0
-      kv_block = 2 * unit + 1 - rank
-    elif ordered:
+    if ordered:
       cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal, h)
       batch, kv_head, kv_block, down = _ordered_cta(*cta)
     k0 = kv_block * bk
@@ -771,17 +697,14 @@ def _fused(
         for c, r, rows in part:
           q_rows = pl.ds(i * bq + (c * row_step + r), rows)
           target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
-          yield slab(buf, c).at[pl.ds(r, rows)], dq_ref.at[target]
+          yield dq_smem.at[buf, c, pl.ds(r, rows)], dq_ref.at[target]
 
       def step(st, carry):
         g, i = _query_tile(st, lo, num_q, down)
         buf = lax.rem(st, 2)
         head = kv_head * group + g
         first, _, _, stop = kv_range(i * bq, bq, bk)
-        if paired:  # the cluster's place among the clusters adding into the tile
-          turn, last, more = _dq_turn(unit, first // 2, (stop + 1) // 2, down)
-        else:
-          turn, last, more = _dq_turn(kv_block, first, stop, down)
+        turn, last, more = _dq_turn(kv_block, first, stop, down)
         tile = (batch * n + head) * (t // bq) + i
         sems = [counts.at[(tile * len(dq_parts) + p) * sem_stride] for p in range(len(dq_parts))]
         slabs_in = functools.partial(plgpu.barrier_wait, dq_full.at[buf])
@@ -789,15 +712,8 @@ def _fused(
         if not poll_first:
           slabs_in()
         for p, (sem, part) in enumerate(zip(sems, dq_parts, strict=True)):
-          ready = slabs_in if poll_first and p == 0 else None
-          if paired:  # each buffer's slabs are allocations of their own: a static branch
-            for b0 in range(2):
-              copies = functools.partial(part_copies, b0, i, head, part)
-              add = functools.partial(_add_part, sem, copies, turn, last, more, ready)
-              pl.when(buf == b0)(add)
-          else:
-            copies = functools.partial(part_copies, buf, i, head, part)
-            _add_part(sem, copies, turn, last, more, ready)
+          copies = functools.partial(part_copies, buf, i, head, part)
+          _add_part(sem, copies, turn, last, more, slabs_in if poll_first and p == 0 else None)
         for p, sem in enumerate(sems):
           later = sum(len(part) for part in dq_parts[p + 1 :])
           plgpu.wait_smem_to_gmem(later)  # part p has landed in memory, not only been read
@@ -822,8 +738,7 @@ def _fused(
       @plgpu.warp_map
       def _(warp):
         pl.when(warp == 0)(produce)
-        writer = (warp == 1) & lead if paired else warp == 1
-        pl.when(writer)(functools.partial(write_dq, counts))
+        pl.when(warp == 1)(functools.partial(write_dq, counts))
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -867,35 +782,11 @@ def _fused(
 
           @pl.when(visits >= 2)
           def _():
-            if paired:
-              _pair_phases(buf, lead)  # the slabs of two tiles ago were read
-            when_lead(lambda: plgpu.barrier_wait(dq_free.at[buf]))  # and added
+            plgpu.barrier_wait(dq_free.at[buf])  # its add from two tiles ago is done
 
-          def store(ref):
-            ref[...] = dq
-
-          at_slab(buf, wg, store)
+          dq_smem.at[buf, wg][...] = dq
           plgpu.commit_smem()
-          if paired:
-            _cluster_fence()  # the slab is written before the leader may read it
-            plgpu.barrier_arrive(slab_in.at[buf])
-
-            def add_peer(ref):  # ref: this consumer's slab; the same in the lower block
-              flat = plgpu.Layout.WG_STRIDED((slab_rows, slab_cols), vec_size=4)
-              own = plgpu.load(ref, (), layout=flat)
-              peer = plgpu.load(plgpu.cluster_ref(ref, {"pair": 1}), (), layout=flat)
-              ref[...] = own + peer
-
-            @pl.when(lead)
-            def _():
-              plgpu.barrier_wait(slab_in.at[buf])  # the lower block's slab is in
-              _cluster_fence()
-              at_slab(buf, wg, add_peer)
-              plgpu.commit_smem()
-              _cluster_fence()
-
-            plgpu.barrier_arrive(peer_read.at[buf])
-          when_lead(lambda: plgpu.barrier_arrive(dq_full.at[buf]))
+          plgpu.barrier_arrive(dq_full.at[buf])
           return dk, dv, visits + 1
         dq_wg = dq_smem.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read dq_wg
@@ -915,11 +806,7 @@ def _fused(
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      dk, dv, visits = _sweep_group(group, ranges, visit, skip, carry, edges, down)
-      if paired:  # wait out the last two tiles' phases (no arrival left in flight)
-        for back in (2, 1):
-          last_buf = lax.rem(visits - back, 2)
-          pl.when(visits >= back)(functools.partial(_pair_phases, last_buf, lead))
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, edges, down)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -937,16 +824,12 @@ def _fused(
     plgpu.SMEM((stages, bq), jnp.float32),
     plgpu.SMEM((stages, bq), jnp.float32),
     plgpu.SMEM((2, bk, bq), dtype, transforms=_SWIZZLED),  # dsᵀ, double buffered
+    # dQ slabs: double buffered for the writer warp on the ordered path
+    plgpu.SMEM(
+      (2, consumers, slab_rows, slab_cols) if semaphores else (consumers, slab_rows, slab_cols),
+      jnp.float32,
+    ),
   ]
-  if not paired:  # dQ slabs: double buffered for the writer warp on the ordered path
-    slab_shape = (slab_rows, slab_cols)
-    scratch.append(
-      plgpu.SMEM(
-        (2, consumers, *slab_shape) if semaphores else (consumers, *slab_shape), jnp.float32
-      )
-    )
-  else:
-    scratch.append(None)  # (a placeholder at the same index: dropped below)
   if not p_in_registers:
     scratch.append(plgpu.SMEM((consumers, ROWS, bq), dtype, transforms=_SWIZZLED))
   scratch += [
@@ -962,28 +845,16 @@ def _fused(
       plgpu.Barrier(num_arrivals=consumers, num_barriers=2),  # dQ slabs written
       plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dQ slabs added (writer warp)
     ]
-  if paired:  # every consumer of both CTAs arrives at both CTAs' copies
-    pair_barrier = functools.partial(
-      plgpu.ClusterBarrier, collective_axes=("pair",), num_arrivals=consumers, num_barriers=2
-    )
-    scratch += [pair_barrier(), pair_barrier()]  # slab_in, peer_read
-    slab_type = plgpu.SMEM((slab_rows, slab_cols), jnp.float32)
-    scratch += [slab_type] * (2 * consumers)  # (buffer, consumer): one allocation each
-  scratch = [x for x in scratch if x is not None]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
-  grid = (b, kv_heads, s // bk // 2 if paired else s // bk)
+  grid = (b, kv_heads, s // bk)
   name = "attention_fused_ordered" if semaphores else "attention_fused"
-  name += "_pairs" if paired else ""
-  cluster = 2 if paired else 0
   if stores_every_tile:
     dq_type = jax.ShapeDtypeStruct(acc_shape, jnp.float32)
-    axes = ("batch", "heads", "kv")
-    call = _call(kernel, (dq_type, k, v), scratch, grid, axes, consumers, name, cluster)
+    call = _call(kernel, (dq_type, k, v), scratch, grid, ("batch", "heads", "kv"), consumers, name)
     dq, dk, dv = call(q, k, v, do, lse2, delta)
   else:
     dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-    axes = ("batch", "heads", "kv")
-    call = _call(kernel, (k, v), scratch, grid, axes, consumers, name, cluster)
+    call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), consumers, name)
     dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
     dq = dq_acc[...]
   if not reduce:
