@@ -229,13 +229,16 @@ ORDERED_CHUNK = 8
 ORDERED_WAVE = 128
 ORDERED_CHUNK_MAX_KV = 32
 ORDERED_CHUNK_CAUSAL = False
-# head_dim -> (chunk, wave) for non-causal calls at any key count, in place of the
-# three above. Head dim 128: the key blocks of two pairs launched in turn. H200
+# head_dim -> ((least key blocks, (chunk, wave)), ...), longest first, the last from 0:
+# for non-causal calls at any key count, in place of the three above. Head dim 128: the
+# key blocks of two pairs launched in turn from 64 key blocks (8k), of four below. H200
 # (results/s11_down, calls 7-9), fwd+bwd TFLOP/s, the rule above / (1, 2) / cuDNN: 16k
 # 545 / 548 / 550, 547 / 550 / 549, 541 / 548 / 552; 8k 537 / 543 / 537, 538 / 543 /
-# 537; 4k 513 / 522 / 514, 513 / 522 / 516; 2k 485 / 485 / 478. Head dim 64 stays
-# (402 / 392 at 2k, 429 / 427 at 4k, 464 / 468 at 16k).
-ORDERED_CHUNK_BY_HEAD_DIM = {128: (1, 2)}
+# 537; 4k 513 / 522 / 514, 513 / 522 / 516; 2k 485 / 485 / 478. Four pairs, (1, 4)
+# against (1, 2) (s11_down call 8; s12_profile calls 6 and 12): 4k 527 / 522, 513 / 512,
+# 517 / 511; 2k 497 / 482, 491 / 484; but 8k 544 / 543, 546 / 550 and 16k 545 / 550,
+# 548 / 548. Head dim 64 stays (402 / 392 at 2k, 429 / 427 at 4k, 464 / 468 at 16k).
+ORDERED_CHUNK_BY_HEAD_DIM = {128: ((64, (1, 2)), (0, (1, 4)))}
 # Causal calls: the ordered kernel's last pairs, enough of them for this many key
 # blocks, launch their heaviest key block first and add from the lowest block up
 # (mosaic/backward.py::_ordered_cta), so that the grid does not end on one pair's

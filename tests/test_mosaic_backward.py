@@ -207,11 +207,14 @@ def test_sweep_order(down, edges):
 
 
 def test_backward_fused_ordered_pairs_in_turn(rng):
-  """head_dim 128 non-causal: two pairs' key blocks launched in turn
-  (tuning.ORDERED_CHUNK_BY_HEAD_DIM), at any key count; other head dims and causal
+  """head_dim 128 non-causal: two pairs' key blocks launched in turn from 64 key blocks,
+  four pairs' below (tuning.ORDERED_CHUNK_BY_HEAD_DIM); other head dims and causal
   calls keep the general rule. Through the interpreter against the reference."""
-  assert tuning.ORDERED_CHUNK_BY_HEAD_DIM[128] == (1, 2)
+  assert tuning.ORDERED_CHUNK_BY_HEAD_DIM[128] == ((64, (1, 2)), (0, (1, 4)))
   assert mosaic_bwd._ordered_chunks(16, 128, head_dim=128) == (1, 2)
+  assert mosaic_bwd._ordered_chunks(16, 64, head_dim=128) == (1, 2)
+  assert mosaic_bwd._ordered_chunks(16, 32, head_dim=128) == (1, 4)
+  assert mosaic_bwd._ordered_chunks(6, 32, head_dim=128) == (1, 3)  # a divisor of the pairs
   assert mosaic_bwd._ordered_chunks(3, 128, head_dim=128) == (1, 1)  # odd: one pair
   assert mosaic_bwd._ordered_chunks(16, 128, causal=True, head_dim=128) == (128, 1)
   assert mosaic_bwd._ordered_chunks(16, 128, head_dim=64) == (128, 1)

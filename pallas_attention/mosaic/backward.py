@@ -532,10 +532,12 @@ def _ordered_chunks(
   chunk of ``group`` - 1 other pairs. (num_kv, 1): the pairs one after the other,
   which is what causal calls and more than ``tuning.ORDERED_CHUNK_MAX_KV`` key
   blocks get (measured: see tuning.ORDERED_CHUNK), unless
-  ``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` has the head dim (non-causal, any key count)."""
+  ``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` has the head dim (non-causal, any key count; its
+  first rule whose least key-block count ``num_kv`` reaches)."""
   chunk, wave, max_kv = tuning.ORDERED_CHUNK, tuning.ORDERED_WAVE, tuning.ORDERED_CHUNK_MAX_KV
   if not causal and head_dim in tuning.ORDERED_CHUNK_BY_HEAD_DIM:
-    (chunk, wave), max_kv = tuning.ORDERED_CHUNK_BY_HEAD_DIM[head_dim], num_kv
+    rules = tuning.ORDERED_CHUNK_BY_HEAD_DIM[head_dim]
+    (chunk, wave), max_kv = next(cw for least, cw in rules if num_kv >= least), num_kv
   chunked = (
     chunk
     and (tuning.ORDERED_CHUNK_CAUSAL or not causal)
