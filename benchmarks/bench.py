@@ -133,18 +133,33 @@ def time_fn(fn, args, rounds: int = 5, round_seconds: float = 0.1) -> float:
   return statistics.median(per_call)
 
 
-def inputs(seqlen: int, head_dim: int, seed: int = 0):
-  batch = max(1, TOKENS // seqlen)
-  heads = 2048 // head_dim
+def batch_size(seqlen: int) -> int:
+  """The protocol's batch at a length: batch·seqlen = TOKENS."""
+  return max(1, TOKENS // seqlen)
+
+
+def inputs(seqlen: int, head_dim: int, seed: int = 0, heads: int | None = None):
+  """q, k, v, dO of the protocol's shape (``heads``: 2048 / head_dim unless given)."""
+  heads = heads or 2048 // head_dim
   keys = jax.random.split(jax.random.key(seed), 4)
-  shape = (batch, seqlen, heads, head_dim)
+  shape = (batch_size(seqlen), seqlen, heads, head_dim)
   return [jax.random.normal(key, shape, jnp.bfloat16) for key in keys]
 
 
-def flops(seqlen: int, head_dim: int, causal: bool, backward: bool) -> float:
-  batch, heads = max(1, TOKENS // seqlen), 2048 // head_dim
-  fwd = 4.0 * batch * seqlen * seqlen * heads * head_dim / (2 if causal else 1)
+def flops(
+  seqlen: int, head_dim: int, causal: bool, backward: bool, heads: int | None = None
+) -> float:
+  heads = heads or 2048 // head_dim
+  fwd = 4.0 * batch_size(seqlen) * seqlen * seqlen * heads * head_dim / (2 if causal else 1)
   return fwd * (3.5 if backward else 1.0)
+
+
+def point_arguments(parser: argparse.ArgumentParser) -> None:
+  """The options of the one-point GPU probes (profile_step.py, sustained_probe.py)."""
+  parser.add_argument("--seqlen", type=int, default=16384)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--impls", nargs="+", default=["mosaic", "cudnn"])
 
 
 @contextlib.contextmanager

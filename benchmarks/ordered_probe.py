@@ -147,17 +147,30 @@ def _no_wait(signal: bool = True, land: bool = True):
     yield
 
 
-def measure(name: str, seqlen: int, head_dim: int, causal: bool) -> float | str:
+@contextlib.contextmanager
+def applied(name: str):
+  """``name``'s settings, yielding the bench.py implementation to call under them: a
+  probe variant's (the ordered fused backward forced at every length, ``mosaic``), or
+  bench.py's own (``bench._variant``)."""
   context = variant(name)
-  if context is None:  # mosaic, mosaic-fused, cudnn, ...
-    return bench.measure(name, seqlen, head_dim, causal, True)
-  args = bench.inputs(seqlen, head_dim)
+  if context is None:
+    with bench._variant(name):
+      yield name
+    return
   jax.clear_caches()  # jit caches key on the Problem, not on the table
   try:
     with bench._ordered_everywhere(), context:
-      seconds = bench.time_fn(bench._fn("mosaic", causal, True), args)
+      yield "mosaic"
   finally:
     jax.clear_caches()
+
+
+def measure(name: str, seqlen: int, head_dim: int, causal: bool) -> float | str:
+  if variant(name) is None:  # mosaic, mosaic-fused, cudnn, ...: failures become text
+    return bench.measure(name, seqlen, head_dim, causal, True)
+  args = bench.inputs(seqlen, head_dim)
+  with applied(name) as impl:
+    seconds = bench.time_fn(bench._fn(impl, causal, True), args)
   return bench.flops(seqlen, head_dim, causal, True) / seconds / 1e12
 
 

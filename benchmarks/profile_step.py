@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import gzip
 import json
 import pathlib
@@ -58,28 +57,9 @@ def _kernel_times(log_dir: pathlib.Path, rows: str, stream: str) -> dict[str, li
   return totals
 
 
-@contextlib.contextmanager
-def _context(impl: str):
-  """bench.py's variants, or ordered_probe.py's (``ord-*``: the ordered backward forced)."""
-  context = ordered_probe.variant(impl)
-  if context is None:
-    with bench._variant(impl):
-      yield
-    return
-  jax.clear_caches()  # jit caches key on the Problem, not on the table
-  try:
-    with bench._ordered_everywhere(), context:
-      yield
-  finally:
-    jax.clear_caches()
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--seqlen", type=int, default=16384)
-  parser.add_argument("--head-dim", type=int, default=128)
-  parser.add_argument("--causal", action="store_true")
-  parser.add_argument("--impls", nargs="+", default=["mosaic", "cudnn"])
+  bench.point_arguments(parser)
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--rows", default="/device:GPU", help="trace rows to sum (process name)")
@@ -92,8 +72,8 @@ def main(argv=None) -> int:
   print(f"# {device}, jax {jax.__version__}, bf16, seqlen {args.seqlen}, head_dim")
   print(f"# {args.head_dim}, causal {args.causal}: GPU time per fwd+bwd call, µs")
   for impl in args.impls:
-    with _context(impl):
-      fn = bench._fn("mosaic" if ordered_probe.variant(impl) else impl, args.causal, True)
+    with ordered_probe.applied(impl) as name:
+      fn = bench._fn(name, args.causal, True)
       jax.block_until_ready(fn(*data))
       jax.block_until_ready(fn(*data))
       with tempfile.TemporaryDirectory() as tmp:

@@ -52,10 +52,7 @@ def _window(samples, start, stop) -> tuple[str, str]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--seqlen", type=int, default=16384)
-  parser.add_argument("--head-dim", type=int, default=128)
-  parser.add_argument("--causal", action="store_true")
-  parser.add_argument("--impls", nargs="+", default=["mosaic", "cudnn"])
+  bench.point_arguments(parser)
   parser.add_argument("--seconds", type=float, default=8.0)
   parser.add_argument("--burst", type=float, default=0.5)
   parser.add_argument("--idle", type=float, default=3.0)

@@ -17,13 +17,6 @@ import sys
 
 import bench
 import jax
-import jax.numpy as jnp
-
-
-def _inputs(batch, seqlen, heads, head_dim):
-  keys = jax.random.split(jax.random.key(0), 4)
-  shape = (batch, seqlen, heads, head_dim)
-  return [jax.random.normal(key, shape, jnp.bfloat16) for key in keys]
 
 
 def main(argv=None) -> int:
@@ -35,14 +28,15 @@ def main(argv=None) -> int:
   parser.add_argument("--impls", nargs="+", default=["mosaic", "cudnn"])
   parser.add_argument("--tokens", type=int, default=bench.TOKENS)
   args = parser.parse_args(argv)
+  bench.TOKENS = args.tokens
   causal = args.causal == "yes"
   sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
   rows = []
   for seqlen in args.seqlens:
-    batch = max(1, args.tokens // seqlen)
+    batch = bench.batch_size(seqlen)
     for heads in args.heads:
-      data = _inputs(batch, seqlen, heads, args.head_dim)
-      fwd_flops = 4.0 * batch * seqlen * seqlen * heads * args.head_dim / (2 if causal else 1)
+      data = bench.inputs(seqlen, args.head_dim, heads=heads)
+      fwd_flops = bench.flops(seqlen, args.head_dim, causal, False, heads=heads)
       ctas = batch * heads * seqlen // 128
       row = dict(seqlen=seqlen, heads=heads, batch=batch, waves=ctas / sms)
       for impl in args.impls:
