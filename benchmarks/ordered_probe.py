@@ -31,6 +31,10 @@ point as it is measured, then a table:
   after the consumers' slabs of the tile are in (``tuning.ORDERED_POLL_FIRST``);
 - ``ord-globalchunks``: the launch order of ``tuning.ORDERED_CHUNK`` for every head dim
   (``tuning.ORDERED_CHUNK_BY_HEAD_DIM`` emptied);
+- ``ord-relaxed``: the counts' adds relaxed instead of release (a diagnostic: the order
+  stays, but nothing then makes a block's dQ adds visible before its count);
+- ``ord-readland``: every wait for TMA stores relaxed to "read" (a diagnostic: the
+  writer counts its adds once they are read, not landed; the order may break);
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
@@ -66,6 +70,8 @@ VARIANTS = {
   "ord-pollfirst": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", True),
   "ord-polllast": lambda: mock.patch.object(tuning, "ORDERED_POLL_FIRST", False),
   "ord-globalchunks": lambda: mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
+  "ord-relaxed": lambda: _relaxed_signals(),
+  "ord-readland": lambda: _read_only_stores(),
 }
 
 
@@ -88,6 +94,32 @@ def _poll_zero():
     return wait(sem, 0, decrement=False, memory_scope=kwargs.get("memory_scope", "sys"))
 
   with mock.patch.object(plgpu, "semaphore_wait", poll):
+    yield
+
+
+@contextlib.contextmanager
+def _relaxed_signals():
+  """Every semaphore signal a relaxed add (Mosaic GPU's SemaphoreRef.signal, relaxed=True)."""
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  signal = mgpu_utils.SemaphoreRef.signal
+
+  def relaxed(self, value, predicate=None, relaxed=False, memory_scope="sys"):
+    del relaxed
+    return signal(self, value, predicate, True, memory_scope)
+
+  with mock.patch.object(mgpu_utils.SemaphoreRef, "signal", relaxed):
+    yield
+
+
+@contextlib.contextmanager
+def _read_only_stores():
+  wait_stores = plgpu.wait_smem_to_gmem
+
+  def read_only(n, **_):
+    return wait_stores(n, wait_read_only=True)
+
+  with mock.patch.object(plgpu, "wait_smem_to_gmem", read_only):
     yield
 
 

@@ -66,3 +66,79 @@ def test_sustained_samples_and_windows(tools, tmp_path):
   assert sustained_probe._window(samples, t0, t0 + 0.15) == ("1965", "325")
   assert sustained_probe._window(samples, t0 + 0.15, t0 + 1) == ("1775", "690")
   assert sustained_probe._window(samples, t0 + 5, t0 + 6) == ("–", "–")
+
+
+@pytest.fixture
+def timeline(monkeypatch):
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import timeline_probe
+
+  yield timeline_probe
+  for name in ("timeline_probe", "ordered_probe", "bench"):
+    sys.modules.pop(name, None)
+
+
+def test_timeline_relative_ns_across_a_wrap(timeline):
+  import numpy as np
+
+  base = (1 << 32) - 1000
+  raw = (np.array([base, base + 500, base + 1500, base + 4000]) % (1 << 32)).astype(np.uint32)
+  got = timeline.relative_ns(raw.view(np.int32), raw.view(np.int32)[0])
+  assert got.tolist() == [0, 500, 1500, 4000]
+
+
+def test_timeline_analyse_synthetic_chain(timeline):
+  """Three key blocks of one pair start together (block 2 first in the chain); each
+  waits for the block above to land a tile's adds, then 0.5 µs more (the link)."""
+  import numpy as np
+
+  events = timeline.EVENTS
+  steps, link = 4, 0.5
+  stall = [0.0, 1.0, 2.0]  # µs a tile, consumers waiting for a slab buffer
+  turn = [0.0, 3.0 + link, 2 * (3.0 + link)]  # writer waits: the chain's offset
+  us = np.zeros((3, steps, len(events)))
+  for c in range(3):
+    for st in range(steps):
+      row = us[c, st]
+      row[events["consumer_start"]] = 10 * st
+      row[events["consumer_wait"]] = 10 * st + 5
+      row[events["consumer_handed"]] = 10 * st + 5 + stall[c]
+      row[events["writer_start"]] = 10 * st + 1
+      row[events["writer_turn"]] = 10 * st + 1 + turn[c]
+      row[events["writer_slabs"]] = 10 * st + 2 + turn[c]
+      row[events["writer_landed"]] = 10 * st + 4 + turn[c]
+      row[events["writer_done"]] = 10 * st + 4.5 + turn[c]
+    us[c, 0, events["consumer_end"]] = us[c, steps - 1, events["writer_done"]]
+  base = (1 << 32) - 20_000  # the 32-bit clock wraps during the kernel
+  stamps = ((np.round(us * 1000).astype(np.int64) + base) % (1 << 32)).astype(np.uint32)
+  pair, block, down = np.zeros(3, int), np.array([2, 1, 0]), np.zeros(3, bool)
+  s = timeline.analyse(
+    stamps.view(np.int32), np.arange(3), np.full(3, steps), pair, block, down, causal=False
+  )
+  life = np.array([34.5, 38.0, 41.5])
+  assert s["ctas"] == 3 and s["sms"] == 3
+  assert s["span"] == pytest.approx(41.5)
+  assert s["life"] == pytest.approx(life.mean())
+  assert s["occupancy"] == pytest.approx(life.sum() / (3 * 41.5))
+  assert s["shares"]["consumer stalled (slab buffer)"] == pytest.approx(
+    np.mean(4 * np.array(stall) / life)
+  )
+  assert s["shares"]["writer: turn"] == pytest.approx(np.mean(4 * np.array(turn) / life))
+  assert s["shares"]["writer: landing"] == pytest.approx(np.mean(8 / life))
+  assert s["landing median"] == pytest.approx(2.0)
+  assert s["tile median"] == pytest.approx(10.0)
+  assert s["link median"] == pytest.approx(link) and s["links"] == 2 * steps
+  assert {k: v["ctas"] for k, v in s["depth"].items()} == {"0": 1, "1-7": 2}
+  # The unordered kernel: consumer stamps only.
+  u = timeline.analyse(
+    stamps.view(np.int32),
+    np.arange(3),
+    np.full(3, steps),
+    pair,
+    block,
+    down,
+    causal=False,
+    ordered=False,
+  )
+  assert list(u["shares"]) == ["consumer stalled (slab buffer)"] and "link median" not in u
+  assert u["life"] == pytest.approx(life.mean())

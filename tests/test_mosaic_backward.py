@@ -493,6 +493,32 @@ def test_register_path_lowers_for_cuda(h, blocks, deterministic, parts, monkeypa
   assert ("red.release.gpu.global.add" in text) == (blocks.bwd_fused and deterministic)
 
 
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_fused_timeline_lowers_for_cuda(ordered):
+  """benchmarks/timeline_probe.py's hook: the fused kernel with its clock stamps lowers
+  for CUDA with the stamps (CTAs × steps × events) and SMs (CTAs) as two more outputs;
+  it needs the GPU's TMA adds (not the interpreter's path)."""
+  h, b, t, n, kv_heads = 128, 1, 512, 2, 2
+  blocks = dataclasses.replace(tuning.mosaic_blocks(h), **tuning._MOSAIC_FUSED[h])
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((b, t, kv_heads, h), jnp.bfloat16)
+  vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
+  spec = masks.MaskSpec()
+
+  def call(*args, reduce=True):
+    static = (0.1, spec, t, t, blocks, True)
+    return mosaic_bwd._fused(*args, *static, reduce, ordered, timeline=True)
+
+  traced = jax.jit(call).trace(q, k, k, q, vec, vec)
+  ctas, steps = b * kv_heads * (t // blocks.dkv_kv), t // blocks.dkv_q
+  events = len(mosaic_bwd.TIMELINE_EVENTS)
+  assert [x.shape for x in traced.out_info[3:]] == [(ctas, steps, events), (ctas,)]
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="timeline"):
+    jax.jit(functools.partial(call, reduce=False)).trace(q, k, k, q, vec, vec)
+
+
 def test_ordered_dq_parts():
   """The parts the ordered kernel counts apart cover each consumer's slab exactly."""
   assert mosaic_bwd._dq_parts(2, 64, 1) == (((0, 0, 64), (1, 0, 64)),)

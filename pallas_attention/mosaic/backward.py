@@ -327,6 +327,46 @@ def _registers(role: str) -> None:
     plgpu.set_max_registers(240, action="increase")
 
 
+# The fused kernel's timeline (benchmarks/timeline_probe.py): with ``timeline`` it also
+# writes, per CTA and step, the GPU's nanosecond clock at these points. Writer warp
+# (ordered): its step starts, its turn has come (the adds above have landed), the
+# consumers' slabs are in, its adds have landed, its count and buffer are released.
+# Consumer warpgroup 0: the tile starts, it waits for its slab buffer (ordered: the
+# writer to free it; unordered: its last add to have read it), it has it; and at step 0
+# only, the CTA's end (dK and dV stored).
+TIMELINE_EVENTS = (
+  "writer_start",
+  "writer_turn",
+  "writer_slabs",
+  "writer_landed",
+  "writer_done",
+  "consumer_start",
+  "consumer_wait",
+  "consumer_handed",
+  "consumer_end",
+)
+
+
+def _store_register(ref, register: str) -> None:
+  """Store a special register (``globaltimer_lo``: the GPU's nanosecond clock, low 32
+  bits; ``smid``) into a one-element int32 global-memory ref (every thread of the warp
+  or warpgroup stores the same value)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def store(_, target):
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+    value = mgpu_utils.inline_ptx(
+      f"mov.u32 $0, %{register};", result_types=i32, has_side_effects=True
+    )
+    address = llvm.ptrtoint(i64, mgpu_utils.memref_ptr(target))
+    mgpu_utils.inline_ptx("st.global.u32 [$0], $1;", address, value, has_side_effects=True)
+
+  store(ref)
+
+
 def _call(body, out_type, scratch, grid, grid_names, consumers, name):
   # ``name``: the kernel's name in profiles (benchmarks/profile_step.py).
   # Mosaic GPU launches the last grid axis fastest: give it the tile axis, so the CTAs
@@ -595,7 +635,21 @@ def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=Fal
 
 
 def _fused(
-  q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers, reduce, ordered
+  q,
+  k,
+  v,
+  do,
+  lse2,
+  delta,
+  scale,
+  spec,
+  q_len,
+  kv_len,
+  blocks,
+  p_in_registers,
+  reduce,
+  ordered,
+  timeline=False,
 ):
   """dQ, dK and dV in one kernel: the dK/dV kernel that also adds each tile's dQ.
 
@@ -604,6 +658,10 @@ def _fused(
   ``dQ = ds · K`` is shared out in slabs (``fused_slab``) and each warpgroup adds its
   slab into a float32 ``[B, T, N, H]`` buffer with a TMA reduce-add: 5 tile products
   per tile instead of the 7 of the two-kernel backward.
+
+  ``timeline`` (on the GPU; benchmarks/timeline_probe.py): also return the
+  stamps ``int32 [CTAs, steps, len(TIMELINE_EVENTS)]`` and each CTA's SM ``int32
+  [CTAs]``, CTAs in launch order (``_ordered_cta`` maps them to key blocks).
 
   Float additions from different CTAs land in no fixed order, so without ``ordered``
   dQ may differ from run to run in its last bits. With ``ordered`` (deterministic)
@@ -649,6 +707,9 @@ def _fused(
   row_step, slab_rows, col_step, slab_cols = fused_slab(bq, h, consumers)
   static = (scale, spec, q_len, kv_len)
   semaphores = ordered and reduce
+  if timeline and not reduce:
+    raise ValueError("timeline: the fused kernel on the GPU only")
+  steps = group * (t // bq)  # at most, per CTA
   # Ordered, each tile's first adder stores: the dQ buffer needs zeros only where a
   # tile has no key block to add into it.
   stores_every_tile = semaphores and dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1].all()
@@ -656,6 +717,9 @@ def _fused(
   sem_stride = tuning.ORDERED_SEM_STRIDE
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
+    stamps_ref = header_ref = None
+    if timeline:
+      stamps_ref, header_ref, *scratch = scratch
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
     if semaphores:
       *scratch, dq_full, dq_free = scratch
@@ -664,6 +728,12 @@ def _fused(
     wg = lax.axis_index("wg")
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_block = lax.axis_index("kv")
+    launch = (batch * kv_heads + kv_head) * (s // bk) + kv_block if timeline else None
+
+    def stamp(step, event):
+      if timeline:
+        _store_register(stamps_ref.at[launch, step, pl.ds(event, 1)], "globaltimer_lo")
+
     down = False
     if ordered:
       cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal, h)
@@ -702,6 +772,7 @@ def _fused(
           yield dq_smem.at[buf, c, pl.ds(r, rows)], dq_ref.at[target]
 
       def step(st, carry):
+        stamp(st, 0)
         g, i = _query_tile(st, lo, num_q, down)
         buf = lax.rem(st, 2)
         head = kv_head * group + g
@@ -709,7 +780,12 @@ def _fused(
         turn, last, more = _dq_turn(kv_block, first, stop, down)
         tile = (batch * n + head) * (t // bq) + i
         sems = [counts.at[(tile * len(dq_parts) + p) * sem_stride] for p in range(len(dq_parts))]
-        slabs_in = functools.partial(plgpu.barrier_wait, dq_full.at[buf])
+
+        def slabs_in():
+          stamp(st, 1)
+          plgpu.barrier_wait(dq_full.at[buf])
+          stamp(st, 2)
+
         poll_first = tuning.ORDERED_POLL_FIRST
         if not poll_first:
           slabs_in()
@@ -719,8 +795,11 @@ def _fused(
         for p, sem in enumerate(sems):
           later = sum(len(part) for part in dq_parts[p + 1 :])
           plgpu.wait_smem_to_gmem(later)  # part p has landed in memory, not only been read
+          if p == 0:
+            stamp(st, 3)
           pl.when(more)(functools.partial(plgpu.semaphore_signal, sem, 1, memory_scope="gpu"))
         plgpu.barrier_arrive(dq_free.at[buf])
+        stamp(st, 4)
         return carry
 
       lax.fori_loop(0, group * num_q, step, 0)
@@ -728,6 +807,8 @@ def _fused(
     @pl.when(wg == consumers)
     def _producer():
       _registers("producer")
+      if timeline:
+        _store_register(header_ref.at[pl.ds(launch, 1)], "smid")
       if not semaphores:
         produce()
         return
@@ -761,8 +842,13 @@ def _fused(
       slab_q = pl.ds(pl.multiple_of(wg * row_step, ROWS), slab_rows)
       slab_h = pl.ds(pl.multiple_of(wg * col_step, 64), slab_cols)
 
+      def consumer_stamp(visits, event):
+        if timeline:
+          pl.when(wg == 0)(lambda: stamp(visits, event))
+
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
+        consumer_stamp(visits, 5)
         slot = lax.rem(_step(g, i, lo, num_q, down), stages)
         buf = lax.rem(visits, 2)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
@@ -781,17 +867,21 @@ def _fused(
         ds_q = ds_buf.at[:, slab_q].transpose((1, 0))  # [slab rows, bk]
         dq = _matmul(ds_q, k_smem.at[:, slab_h], (slab_rows, slab_cols))
         if semaphores:  # hand the slab to the writer warp (visits = its step)
+          consumer_stamp(visits, 6)
 
           @pl.when(visits >= 2)
           def _():
             plgpu.barrier_wait(dq_free.at[buf])  # its add from two tiles ago is done
 
+          consumer_stamp(visits, 7)
           dq_smem.at[buf, wg][...] = dq
           plgpu.commit_smem()
           plgpu.barrier_arrive(dq_full.at[buf])
           return dk, dv, visits + 1
         dq_wg = dq_smem.at[wg]
+        consumer_stamp(visits, 6)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read dq_wg
+        consumer_stamp(visits, 7)
         dq_wg[...] = dq
         plgpu.commit_smem()
         q_rows = pl.ds(i * bq + wg * row_step, slab_rows)
@@ -817,6 +907,7 @@ def _fused(
       plgpu.copy_smem_to_gmem(k_wg, dk_ref.at[rows])
       plgpu.copy_smem_to_gmem(v_wg, dv_ref.at[rows])
       plgpu.wait_smem_to_gmem(0)
+      consumer_stamp(0, 8)
 
   scratch = [
     plgpu.SMEM((bk, h), k.dtype, transforms=_SWIZZLED),
@@ -850,18 +941,26 @@ def _fused(
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
   grid = (b, kv_heads, s // bk)
   name = "attention_fused_ordered" if semaphores else "attention_fused"
+  ctas = b * kv_heads * (s // bk)
+  extra = ()
+  if timeline:
+    extra = (
+      jax.ShapeDtypeStruct((ctas, steps, len(TIMELINE_EVENTS)), jnp.int32),
+      jax.ShapeDtypeStruct((ctas,), jnp.int32),
+    )
+  names = ("batch", "heads", "kv")
   if stores_every_tile:
     dq_type = jax.ShapeDtypeStruct(acc_shape, jnp.float32)
-    call = _call(kernel, (dq_type, k, v), scratch, grid, ("batch", "heads", "kv"), consumers, name)
-    dq, dk, dv = call(q, k, v, do, lse2, delta)
+    call = _call(kernel, (dq_type, k, v, *extra), scratch, grid, names, consumers, name)
+    dq, dk, dv, *stamps = call(q, k, v, do, lse2, delta)
   else:
     dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-    call = _call(kernel, (k, v), scratch, grid, ("batch", "heads", "kv"), consumers, name)
-    dk, dv = call(q, k, v, do, lse2, delta, dq_acc)
+    call = _call(kernel, (k, v, *extra), scratch, grid, names, consumers, name)
+    dk, dv, *stamps = call(q, k, v, do, lse2, delta, dq_acc)
     dq = dq_acc[...]
   if not reduce:
     dq = dq.sum(axis=0)
-  return (dq * scale).astype(dtype), dk, dv
+  return ((dq * scale).astype(dtype), dk, dv, *stamps)
 
 
 def _dkv_split(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers):
