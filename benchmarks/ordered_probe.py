@@ -114,6 +114,7 @@ def _relaxed_signals():
 
 @contextlib.contextmanager
 def _read_only_stores():
+  """Every wait for TMA stores only waits until they are read."""
   wait_stores = plgpu.wait_smem_to_gmem
 
   def read_only(n, **_):
@@ -163,7 +164,6 @@ def variant(name: str):
 
 @contextlib.contextmanager
 def _no_wait(signal: bool = True, land: bool = True):
-  wait_stores = plgpu.wait_smem_to_gmem
   with contextlib.ExitStack() as stack:
     stack.enter_context(mock.patch.object(tuning, "ORDERED_CHUNK", 0))
     stack.enter_context(mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}))
@@ -171,11 +171,7 @@ def _no_wait(signal: bool = True, land: bool = True):
     if not signal:
       stack.enter_context(mock.patch.object(plgpu, "semaphore_signal", lambda *a, **k: None))
     if not land:
-
-      def read_only(n, **_):  # any wait for stores only waits until they are read
-        return wait_stores(n, wait_read_only=True)
-
-      stack.enter_context(mock.patch.object(plgpu, "wait_smem_to_gmem", read_only))
+      stack.enter_context(_read_only_stores())
     yield
 
 

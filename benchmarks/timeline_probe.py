@@ -68,14 +68,6 @@ def cta_layout(b, kv_heads, num_kv, causal, head_dim, ordered=True):
     return np.asarray(batch) * kv_heads + np.asarray(head), np.asarray(block), down
 
 
-def steps_per_block(spec, q_len, kv_len, t, s, bq, bk, group) -> np.ndarray:
-  """The query tiles (times the GQA group) each key block visits: its steps."""
-  with jax.ensure_compile_time_eval():
-    j = jnp.arange(s // bk, dtype=jnp.int32)
-    lo, _, _, hi = masks.q_block_range(j * bk, bk, bq, spec, q_len, kv_len)
-    return group * (np.asarray(hi) - np.asarray(lo))
-
-
 def chain_depth(pair, block, down, start, end) -> np.ndarray:
   """For each CTA, the blocks it waits for (the same pair, added before it: above it, or
   below it for ``down`` pairs) that were running when it started."""
@@ -227,7 +219,8 @@ def main(argv=None) -> int:
     with context if context is not None else contextlib.nullcontext():
       jax.clear_caches()
       pair, block, down = cta_layout(b, kv_heads, num_kv, causal, h, ordered)
-      steps = steps_per_block(spec, t, t, t, t, bq, bk, group)[block]
+      lo, hi = mbwd.query_tiles_of_key_blocks(spec, t, t, t, bq, bk)
+      steps = (group * (hi - lo))[block]  # a CTA's steps: its query tiles times the group
 
       def kernel(timeline, q, k, v, do, lse2, delta, ordered=ordered):
         return mbwd._fused(

@@ -1,5 +1,6 @@
-"""The parsers of the GPU diagnostics in benchmarks/ (profile_step.py, sustained_probe.py),
-on synthetic inputs: what RESULTS.md's profiles and clock tables are read with."""
+"""The parsers of the GPU diagnostics in benchmarks/ (profile_step.py, sustained_probe.py,
+timeline_probe.py), on synthetic inputs: what RESULTS.md's profiles, clock tables and
+kernel timelines are read with."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ def tools(monkeypatch):
   monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import bench, ordered_probe
   import profile_step
   import sustained_probe
+  import timeline_probe
 
-  yield profile_step, sustained_probe
-  for name in ("profile_step", "sustained_probe", "ordered_probe", "bench"):
+  yield profile_step, sustained_probe, timeline_probe
+  for name in ("profile_step", "sustained_probe", "timeline_probe", "ordered_probe", "bench"):
     sys.modules.pop(name, None)
 
 
 def test_kernel_times_sums_gpu_streams_only(tools, tmp_path):
-  profile_step, _ = tools
+  profile_step, *_ = tools
   meta = [
     dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
     dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU")),
@@ -51,7 +53,7 @@ def test_kernel_times_sums_gpu_streams_only(tools, tmp_path):
 
 
 def test_sustained_samples_and_windows(tools, tmp_path):
-  _, sustained_probe = tools
+  _, sustained_probe, _ = tools
   start = datetime.datetime(2026, 11, 29, 5, 0, 0)
   lines = ["garbage line\n"]
   for i, (mhz, watts) in enumerate([(1980, 250.0), (1950, 400.0), (1800, 690.0), (1750, 691.0)]):
@@ -68,17 +70,8 @@ def test_sustained_samples_and_windows(tools, tmp_path):
   assert sustained_probe._window(samples, t0 + 5, t0 + 6) == ("–", "–")
 
 
-@pytest.fixture
-def timeline(monkeypatch):
-  monkeypatch.syspath_prepend(str(BENCHMARKS))
-  import timeline_probe
-
-  yield timeline_probe
-  for name in ("timeline_probe", "ordered_probe", "bench"):
-    sys.modules.pop(name, None)
-
-
-def test_timeline_relative_ns_across_a_wrap(timeline):
+def test_timeline_relative_ns_across_a_wrap(tools):
+  *_, timeline = tools
   import numpy as np
 
   base = (1 << 32) - 1000
@@ -87,11 +80,12 @@ def test_timeline_relative_ns_across_a_wrap(timeline):
   assert got.tolist() == [0, 500, 1500, 4000]
 
 
-def test_timeline_analyse_synthetic_chain(timeline):
+def test_timeline_analyse_synthetic_chain(tools):
   """Three key blocks of one pair start together (block 2 first in the chain); each
   waits for the block above to land a tile's adds, then 0.5 µs more (the link)."""
   import numpy as np
 
+  *_, timeline = tools
   events = timeline.EVENTS
   steps, link = 4, 0.5
   stall = [0.0, 1.0, 2.0]  # µs a tile, consumers waiting for a slab buffer

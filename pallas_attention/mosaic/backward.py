@@ -478,6 +478,17 @@ def _dkv(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regi
   return call(q, k, v, do, lse2, delta)
 
 
+def query_tiles_of_key_blocks(spec: masks.MaskSpec, q_len: int, kv_len: int, s: int, bq, bk):
+  """numpy ``(lo, hi)`` over the ``s // bk`` key blocks: block ``j``'s CTA visits query
+  tiles ``[lo[j], hi[j])`` (``masks.q_block_range``, as the dK/dV kernels compute it)."""
+  import numpy as np
+
+  with jax.ensure_compile_time_eval():
+    j = jnp.arange(s // bk, dtype=jnp.int32)
+    lo, _, _, hi = masks.q_block_range(j * bk, bk, bq, spec, q_len, kv_len)
+    return np.asarray(lo), np.asarray(hi)
+
+
 def dq_contributors(spec: masks.MaskSpec, q_len: int, kv_len: int, t: int, s: int, bq, bk):
   """The key blocks that add into each query tile's dQ in the fused kernel.
 
@@ -490,12 +501,11 @@ def dq_contributors(spec: masks.MaskSpec, q_len: int, kv_len: int, t: int, s: in
   """
   import numpy as np
 
+  q_lo, q_hi = query_tiles_of_key_blocks(spec, q_len, kv_len, s, bq, bk)
   with jax.ensure_compile_time_eval():
-    j = jnp.arange(s // bk, dtype=jnp.int32)
-    q_lo, _, _, q_hi = masks.q_block_range(j * bk, bk, bq, spec, q_len, kv_len)
     i = jnp.arange(t // bq, dtype=jnp.int32)
     kv_lo, _, _, kv_hi = masks.kv_block_range(i * bq, bq, bk, spec, q_len, kv_len)
-    q_lo, q_hi, kv_lo, kv_hi = (np.asarray(x) for x in (q_lo, q_hi, kv_lo, kv_hi))
+    kv_lo, kv_hi = np.asarray(kv_lo), np.asarray(kv_hi)
   i, j = np.arange(t // bq)[:, None], np.arange(s // bk)[None, :]
   visits = (q_lo[None, :] <= i) & (i < q_hi[None, :])
   expected = (kv_lo[:, None] <= j) & (j < kv_hi[:, None])
@@ -717,9 +727,9 @@ def _fused(
   sem_stride = tuning.ORDERED_SEM_STRIDE
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
-    stamps_ref = header_ref = None
+    stamps_ref = sm_ref = None
     if timeline:
-      stamps_ref, header_ref, *scratch = scratch
+      stamps_ref, sm_ref, *scratch = scratch
     k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem = scratch[:8]
     if semaphores:
       *scratch, dq_full, dq_free = scratch
@@ -808,7 +818,7 @@ def _fused(
     def _producer():
       _registers("producer")
       if timeline:
-        _store_register(header_ref.at[pl.ds(launch, 1)], "smid")
+        _store_register(sm_ref.at[pl.ds(launch, 1)], "smid")
       if not semaphores:
         produce()
         return
