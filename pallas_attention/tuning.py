@@ -325,12 +325,14 @@ def mosaic_blocks(
 # 400-401 / 402-403 at 4k, 445 / 443 / 391 at 8k, 464-480 / 455-459 / 424-440 at 16k.
 # Head dim 128 (1 / 2): non-causal 408-420 / 429-443 at 512, 510 / 537-543 at 1k, 605 /
 # 619 at 2k, 648 / 639 at 4k; causal 383 / 385 at 1k, 479 / 512 at 2k, 576 / 587 at 4k,
-# 618 / 623 at 8k, 645 / 619 at 16k. Head dim 256: two Q buffers do not fit in shared
+# 618 / 623 at 8k, 645 / 619 at 16k. H200 (fourteenth session, three processes, head dim
+# 128 non-causal, 1 / 2): 588-612 / 609-629 at 2k, 618-639 / 666-669 at 4k, 612-648 /
+# 617-636 at 8k; so 2 up to 4k there. Head dim 256: two Q buffers do not fit in shared
 # memory beside its key/value ring.
 _FWD_Q_TILES: dict[tuple[int, bool], tuple[tuple[int, int], ...]] = {
   (64, False): ((16384, 1), (2048, 2), (0, 4)),
   (64, True): ((8192, 1), (0, 4)),
-  (128, False): ((4096, 1), (0, 2)),
+  (128, False): ((8192, 1), (0, 2)),
   (128, True): ((16384, 1), (0, 2)),
 }
 

@@ -197,7 +197,7 @@ def test_block_table_short_and_long_keys():
   }
   assert q_tiles[64, False, 512] == 4 and q_tiles[64, False, 2048] == 2
   assert q_tiles[64, True, 4096] == 4 and q_tiles[64, True, 8192] == 1
-  assert q_tiles[128, False, 2048] == 2 and q_tiles[128, False, 4096] == 1
+  assert q_tiles[128, False, 4096] == 2 and q_tiles[128, False, 8192] == 1
   assert q_tiles[128, True, 8192] == 2 and q_tiles[128, True, 16384] == 1
   assert all(q_tiles[hd, c, None] == 1 for hd in (64, 128, 256) for c in (False, True))
   assert all(q_tiles[256, c, kv] == 1 for c in (False, True) for kv in (512, 16384))
