@@ -609,6 +609,13 @@ def _ordered_down_pairs(pairs: int, num_kv: int, causal: bool) -> int:
   return min(pairs, -(-tuning.ORDERED_DOWN_BLOCKS // num_kv))
 
 
+def _launch_index(batch_axis, head_axis, kv_axis, kv_heads, num_kv):
+  """A fused-kernel CTA's place in launch order: its grid position (batch, kv head,
+  key block) made linear, the key block fastest (``_ordered_cta`` maps it to the work
+  the CTA does; the timeline indexes its stamps by it)."""
+  return (batch_axis * kv_heads + head_axis) * num_kv + kv_axis
+
+
 def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=False, head_dim=None):
   """(batch, kv head, key block, down) of a CTA of the ordered fused kernel.
 
@@ -630,7 +637,7 @@ def _ordered_cta(batch_axis, head_axis, kv_axis, b, kv_heads, num_kv, causal=Fal
   """
   pairs = b * kv_heads
   chunk, group = _ordered_chunks(pairs, num_kv, causal, head_dim)
-  linear = (batch_axis * kv_heads + head_axis) * num_kv + kv_axis  # launch order
+  linear = _launch_index(batch_axis, head_axis, kv_axis, kv_heads, num_kv)
   in_chunk, linear = lax.rem(linear, chunk), lax.div(linear, chunk)
   in_group, linear = lax.rem(linear, group), lax.div(linear, group)
   chunk_index, group_index = lax.rem(linear, num_kv // chunk), lax.div(linear, num_kv // chunk)
@@ -738,7 +745,7 @@ def _fused(
     wg = lax.axis_index("wg")
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_block = lax.axis_index("kv")
-    launch = (batch * kv_heads + kv_head) * (s // bk) + kv_block if timeline else None
+    launch = _launch_index(batch, kv_head, kv_block, kv_heads, s // bk) if timeline else None
 
     def stamp(step, event):
       if timeline:
