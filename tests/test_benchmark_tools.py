@@ -136,3 +136,27 @@ def test_timeline_analyse_synthetic_chain(tools):
   )
   assert list(u["shares"]) == ["consumer stalled (slab buffer)"] and "link median" not in u
   assert u["life"] == pytest.approx(life.mean())
+
+
+def test_kernel_hashes_follow_the_traced_kernels(monkeypatch):
+  """benchmarks/kernel_hashes.py (for changes that should leave the kernels alone): the
+  same tree hashes the same; a tuning switch that changes the ordered backward's traced
+  code changes that case's hash and no other."""
+  from pallas_attention import tuning
+
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import kernel_hashes
+
+  selection = dict(head_dims=(128,), seqlens=(2048,), heads=((2, 2),), parts=("fwd", "bwd"))
+  before = kernel_hashes.hashes(**selection)
+  assert sorted(before) == ["bwd h=128 causal=0 t=2048 heads=2/2",
+    "bwd h=128 causal=1 t=2048 heads=2/2", "fwd h=128 causal=0 t=2048 heads=2/2",
+    "fwd h=128 causal=1 t=2048 heads=2/2"]  # fmt: skip
+  assert len(set(before.values())) == 4
+  assert kernel_hashes.hashes(**selection) == before
+  # Non-causal 2048 keys: the ordered fused backward, whose writer polls before or after
+  # the slabs are in; causal 2048: the two-kernel backward, which has no writer.
+  monkeypatch.setattr(tuning, "ORDERED_POLL_FIRST", not tuning.ORDERED_POLL_FIRST)
+  after = kernel_hashes.hashes(**selection)
+  assert kernel_hashes.compare(after, before) == ["bwd h=128 causal=0 t=2048 heads=2/2"]
+  sys.modules.pop("kernel_hashes", None)

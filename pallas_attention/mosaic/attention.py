@@ -58,6 +58,26 @@ def head_dim_extent(h: int) -> int:
   return next(d for d in HEAD_DIMS if d >= h)
 
 
+def default_blocks(
+  h_pad: int, causal: bool, kv_len: int, deterministic: bool, interpreter: bool
+) -> tuning.MosaicBlocks:
+  """The package table's blocks for a call (no config, no autotuner): on a GPU
+  ``tuning.mosaic_blocks`` with the fused backward where ``tuning.fused_backward``
+  takes it; in the interpreter ``tuning.MOSAIC_INTERPRETER``."""
+  fused = _fused(h_pad, causal, kv_len, deterministic, interpreter)
+  if interpreter:
+    return dataclasses.replace(tuning.MOSAIC_INTERPRETER, bwd_fused=fused)
+  return tuning.mosaic_blocks(h_pad, causal, kv_len, fused=fused)
+
+
+def _fused(h_pad: int, causal: bool, kv_len: int, deterministic: bool, interpreter: bool) -> bool:
+  """Whether the call's backward is the fused kernel. The interpreter's fused kernel
+  keeps a dQ slice per key block (no TMA adds or semaphores there): only for the
+  opt-in, the deterministic default stays two-kernel."""
+  fused = tuning.fused_backward(h_pad, causal, kv_len, deterministic)
+  return fused and not (interpreter and deterministic)
+
+
 def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.MosaicBlocks:
   """The blocks for one call: the Problem's config, the autotuner's choice (opt-in,
   see autotune.py) or the package table.
@@ -70,14 +90,9 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
   h_pad = head_dim_extent(q_shape[3])
   interpreter = jax.default_backend() == "cpu"
   causal = problem.spec.causal
-  fused = tuning.fused_backward(h_pad, causal, kv_shape[1], problem.deterministic_backward)
-  if interpreter:
-    # The interpreter's fused kernel keeps a dQ slice per key block (no TMA adds or
-    # semaphores there): only for the opt-in, the deterministic default stays two-kernel.
-    fused = fused and not problem.deterministic_backward
-    default = dataclasses.replace(tuning.MOSAIC_INTERPRETER, bwd_fused=fused)
-  else:
-    default = tuning.mosaic_blocks(h_pad, causal, kv_shape[1], fused=fused)
+  deterministic = problem.deterministic_backward
+  default = default_blocks(h_pad, causal, kv_shape[1], deterministic, interpreter)
+  fused = _fused(h_pad, causal, kv_shape[1], deterministic, interpreter)
   if not autotune.enabled():
     return default
   candidates = tuning.mosaic_candidates(h_pad, part, interpreter=interpreter, fused=fused)
