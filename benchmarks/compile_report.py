@@ -129,7 +129,6 @@ def main() -> int:
   os.makedirs(opts.out, exist_ok=True)
   os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
   import jax
-  import jax.numpy as jnp
   from jax.experimental.mosaic import gpu as _  # noqa: F401 -- sets MOSAIC_GPU_CUDA_ROOT
 
   if opts.sass:
@@ -140,7 +139,7 @@ def main() -> int:
       os.environ["MOSAIC_GPU_CUDA_ROOT"] = root
       os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
 
-  from pallas_attention import masks, tiles, tuning
+  from pallas_attention import core, masks, tiles, tuning
   from pallas_attention.mosaic import attention as mosaic
   from pallas_attention.mosaic import forward as fwd
   from pallas_attention.problem import Problem
@@ -170,7 +169,7 @@ def main() -> int:
         out, lse2 = jax.jit(lambda q, k, v, p=problem: mosaic.forward(p, q, k, v, *[None] * 4))(
           q, k, v
         )
-        delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+        delta = core.row_delta(out, do)
         args = (do, tiles.backward_lse(lse2), delta)
         run = jax.jit(
           lambda *a, p=problem, q=q, k=k, v=v: mosaic.backward(p, q, k, v, *[None] * 4, *a)

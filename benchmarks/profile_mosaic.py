@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from bench import flops, inputs, time_fn
 
-from pallas_attention import masks, tuning
+from pallas_attention import core, masks, tuning
 from pallas_attention.mosaic import backward as bwd
 from pallas_attention.mosaic import forward as fwd
 
@@ -111,7 +111,7 @@ def profile_dkv(t, h=128, causal=False):
   blocks = tuning.mosaic_blocks(h, causal, t)
   spec = masks.MaskSpec(causal)
   out, lse2 = fwd.forward(q, k, v, scale=h**-0.5, spec=spec, q_len=t, kv_len=t)
-  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = core.row_delta(out, do)
   args = (q, k, v, do, lse2, delta)
   common = (h**-0.5, spec, t, t, blocks, True)
   fn = jax.jit(lambda *a: bwd._dkv(*a, *common))

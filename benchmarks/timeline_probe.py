@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import ordered_probe
 
-from pallas_attention import masks, tuning
+from pallas_attention import core, masks, tuning
 from pallas_attention.mosaic import backward as mbwd
 from pallas_attention.mosaic import forward as mfwd
 
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
       q, k, v, scale=scale, spec=spec, q_len=t, kv_len=t, **blocks.forward_options()
     )
   )(q, k, v)
-  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = core.row_delta(out, do)
   bq, bk = blocks.dkv_q, blocks.dkv_kv
   kv_heads, num_kv, group = k.shape[2], t // bk, n // k.shape[2]
   for name in opts.impls:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 from bench import flops, inputs, time_fn
 
-from pallas_attention import masks, tiles, tuning
+from pallas_attention import core, masks, tiles, tuning
 from pallas_attention.mosaic import attention as mosaic
 from pallas_attention.problem import Problem
 
@@ -27,7 +26,7 @@ def _timer(blocks, seqlen, head_dim, causal, part):
   if part == "fwd":
     return time_fn(forward, (q, k, v))
   out, lse2 = forward(q, k, v)
-  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = core.row_delta(out, do)
   lse2 = tiles.backward_lse(lse2)
   backward = jax.jit(lambda *a: mosaic.backward(problem, q, k, v, None, None, None, None, *a))
   return time_fn(backward, (do, lse2, delta))
@@ -45,7 +44,7 @@ def split_times(head_dim, seqlen, causal):
   options = blocks.forward_options()
   forward = jax.jit(lambda q, k, v: fwd.forward(q, k, v, **static, **options))
   out, lse2 = forward(q, k, v)
-  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = core.row_delta(out, do)
   args = (q, k, v, do, lse2, delta)
   common = (static["scale"], spec, seqlen, seqlen, blocks, True)
   dkv_kernel = bwd._dkv_split if blocks.dkv_split else bwd._dkv

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from bench import flops, inputs, time_fn
 
-from pallas_attention import masks, tiles, tuning
+from pallas_attention import core, masks, tiles, tuning
 from pallas_attention.problem import Problem
 from pallas_attention.triton import attention as triton_attention
 
@@ -42,7 +42,7 @@ def time_backward(blocks, seqlen, head_dim, causal):
   out, lse2 = jax.jit(
     lambda q, k, v: triton_attention.forward(problem, q, k, v, None, None, lens, lens)
   )(q, k, v)
-  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = core.row_delta(out, do)
   lse2 = tiles.backward_lse(lse2)
   fn = jax.jit(
     lambda q, k, v, do, lse2, delta: triton_attention.backward(

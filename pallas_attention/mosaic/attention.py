@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_attention import autotune, tuning
+from pallas_attention import autotune, core, tuning
 from pallas_attention.kernel_types import vary_like
 from pallas_attention.mosaic import forward as fwd
 from pallas_attention.problem import Problem, pad_axis, round_up
@@ -117,7 +117,7 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
       return lambda: fn(q, k, v, None, None, None, None)
     out, lse2 = fn(q, k, v, None, None, None, None)
     do = jax.random.normal(rng[3], q_shape, dtype)
-    delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = core.row_delta(out, do)
     bwd = jax.jit(functools.partial(backward, problem_c))
     return lambda: bwd(q, k, v, None, None, None, None, do, lse2, delta)
 
