@@ -63,19 +63,14 @@ def default_blocks(
 ) -> tuning.MosaicBlocks:
   """The package table's blocks for a call (no config, no autotuner): on a GPU
   ``tuning.mosaic_blocks`` with the fused backward where ``tuning.fused_backward``
-  takes it; in the interpreter ``tuning.MOSAIC_INTERPRETER``."""
-  fused = _fused(h_pad, causal, kv_len, deterministic, interpreter)
-  if interpreter:
-    return dataclasses.replace(tuning.MOSAIC_INTERPRETER, bwd_fused=fused)
-  return tuning.mosaic_blocks(h_pad, causal, kv_len, fused=fused)
-
-
-def _fused(h_pad: int, causal: bool, kv_len: int, deterministic: bool, interpreter: bool) -> bool:
-  """Whether the call's backward is the fused kernel. The interpreter's fused kernel
-  keeps a dQ slice per key block (no TMA adds or semaphores there): only for the
-  opt-in, the deterministic default stays two-kernel."""
+  takes it; in the interpreter ``tuning.MOSAIC_INTERPRETER``. Their ``bwd_fused`` says
+  which backward the call runs."""
   fused = tuning.fused_backward(h_pad, causal, kv_len, deterministic)
-  return fused and not (interpreter and deterministic)
+  if interpreter:
+    # The interpreter's fused kernel keeps a dQ slice per key block (no TMA adds or
+    # semaphores there): only for the opt-in, the deterministic default stays two-kernel.
+    return dataclasses.replace(tuning.MOSAIC_INTERPRETER, bwd_fused=fused and not deterministic)
+  return tuning.mosaic_blocks(h_pad, causal, kv_len, fused=fused)
 
 
 def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.MosaicBlocks:
@@ -92,7 +87,7 @@ def blocks(problem: Problem, q_shape, kv_shape, dtype, part: str) -> tuning.Mosa
   causal = problem.spec.causal
   deterministic = problem.deterministic_backward
   default = default_blocks(h_pad, causal, kv_shape[1], deterministic, interpreter)
-  fused = _fused(h_pad, causal, kv_shape[1], deterministic, interpreter)
+  fused = default.bwd_fused
   if not autotune.enabled():
     return default
   candidates = tuning.mosaic_candidates(h_pad, part, interpreter=interpreter, fused=fused)
