@@ -215,8 +215,7 @@ def main(argv=None) -> int:
   kv_heads, num_kv, group = k.shape[2], t // bk, n // k.shape[2]
   for name in opts.impls:
     ordered = name != "unordered"
-    context = ordered_probe.variant(name) if name not in ("mosaic", "unordered") else None
-    with context if context is not None else contextlib.nullcontext():
+    with ordered_probe.variant(name) or contextlib.nullcontext():  # mosaic, unordered: None
       jax.clear_caches()
       pair, block, down = cta_layout(b, kv_heads, num_kv, causal, h, ordered)
       lo, hi = mbwd.query_tiles_of_key_blocks(spec, t, t, t, bq, bk)
