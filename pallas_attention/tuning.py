@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import heapq
 
 import jax.numpy as jnp
 
@@ -335,6 +337,72 @@ _FWD_Q_TILES: dict[tuple[int, bool], tuple[tuple[int, int], ...]] = {
   (128, False): ((8192, 1), (0, 2)),
   (128, True): ((16384, 1), (0, 2)),
 }
+
+
+# The forward's last wave (mosaic.forward.forward's kv_split): a grid of equal CTAs ends
+# on a part-empty wave when their number is not a multiple of the SMs' (head_dim 128 in
+# the protocol: 2048 CTAs, 15.5 waves of 132). With FWD_KV_SPLIT the first query tiles of
+# every head run as 2-4 CTAs over parts of the keys, launched after every whole tile,
+# wherever forward_kv_split's model of the launch says so, for keys at least
+# FWD_SPLIT_MIN_KV long. H200 (fifteenth session, benchmarks/RESULTS.md), forward TFLOP/s
+# split / not, non-causal: head_dim 128 at 16k 623-632 / 615-619 in five processes, at 8k
+# 611-629 / 610-645 (no gain: shorter CTAs, the parts' start and merge weigh more);
+# head_dim 64 at 16k 493-496 / 486-488. Head dim 256 does not fit (mosaic.forward).
+FWD_KV_SPLIT = True
+FWD_SPLIT_MIN_KV = 16384
+FWD_SPLIT_PARTS = (2, 3, 4)
+FWD_SPLIT_MIN_PART = 4  # key tiles a part visits, at least
+FWD_SPLIT_OVERHEAD = 3  # a CTA's start and end, in key tiles (the model's guess)
+FWD_SPLIT_MIN_GAIN = 0.01  # of the modelled time, or no split
+
+
+def _launch_span(sms: int, jobs) -> float:
+  """When the last of ``jobs`` ends, CTAs handed in order to the first free of ``sms``
+  SMs, one at a time each (a forward CTA takes all of an SM's registers). ``jobs``:
+  ``(count, length)`` runs in launch order."""
+  free = [0.0] * sms
+  for count, length in jobs:
+    for _ in range(count):
+      heapq.heapreplace(free, free[0] + length)
+  return max(free)
+
+
+def forward_kv_split(pairs: int, q_tiles: int, kv_tiles: int, sms: int) -> tuple[int, int] | None:
+  """``(tail, parts)`` for a non-causal forward of ``pairs`` (batch, head) pairs of
+  ``q_tiles`` query and ``kv_tiles`` key tiles on ``sms`` SMs, or None: the split whose
+  modelled span (``_launch_span``, each CTA costing its key tiles plus
+  FWD_SPLIT_OVERHEAD) is shortest, if it beats the unsplit grid by FWD_SPLIT_MIN_GAIN;
+  always None with FWD_KV_SPLIT off."""
+  if not FWD_KV_SPLIT:
+    return None
+  model = (FWD_SPLIT_PARTS, FWD_SPLIT_MIN_PART, FWD_SPLIT_OVERHEAD, FWD_SPLIT_MIN_GAIN)
+  return _planned_kv_split(pairs, q_tiles, kv_tiles, sms, *model)
+
+
+@functools.lru_cache(maxsize=256)
+def _planned_kv_split(pairs, q_tiles, kv_tiles, sms, parts_tried, min_part, overhead, min_gain):
+  ctas = pairs * q_tiles
+  if sms < 1 or ctas % sms == 0 or ctas > 64 * sms:
+    return None
+  whole = kv_tiles + overhead
+  # Full waves of whole tiles end together: model from the first wave that is not full.
+  waves = max(ctas // sms - 1, 0)
+  before = waves * whole  # the same in every plan below
+  base = before + _launch_span(sms, [(ctas - waves * sms, whole)])
+  best, best_span = None, base * (1 - min_gain)
+  for parts in parts_tried:
+    if kv_tiles < parts * min_part:
+      continue
+    sizes = [(p + 1) * kv_tiles // parts - p * kv_tiles // parts for p in range(parts)]
+    for tail in range(1, min(q_tiles - 1, -(-2 * sms // pairs)) + 1):
+      rest = pairs * (q_tiles - tail) - waves * sms
+      if rest < 0:
+        break
+      per_pair = [(tail, size + overhead) for size in sizes]
+      span = before + _launch_span(sms, [(rest, whole)] + per_pair * pairs)
+      if span < best_span:
+        best, best_span = (tail, parts), span
+  return best
 
 
 def forward_q_tiles(head_dim: int, causal: bool, kv_len: int | None) -> int:

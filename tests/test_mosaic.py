@@ -172,6 +172,172 @@ def test_forward_kernel_rejects_ragged_shapes(rng):
     mosaic_forward.forward(q, q, q, scale=0.125, spec=masks.MaskSpec(), q_len=100, kv_len=100)
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+@pytest.mark.parametrize("p_in_registers", P_PATHS)
+@pytest.mark.parametrize(
+  "batch,t,s,heads,kv_heads,spec,q_len,kv_len,kv_split",
+  [
+    # Padded rows and columns; the last part holds the masked key tile.
+    (1, 384, 512, 2, 2, masks.MaskSpec(), 300, 450, (1, 2)),
+    # GQA, two batches, parts of unequal length (5 key tiles in 3 parts).
+    (2, 512, 320, 2, 1, masks.MaskSpec(), 512, 320, (2, 3)),
+    # Not planned for masks like these, but right for them too: a part may see no key
+    # of some rows (its LSE -inf), a row may see none at all.
+    (1, 512, 512, 2, 2, masks.MaskSpec(True, 100, 0), 512, 512, (3, 4)),
+    (1, 512, 256, 2, 2, masks.MaskSpec(False, None, -384), 512, 256, (3, 2)),
+  ],
+)
+def test_forward_kv_split(
+  batch, t, s, heads, kv_heads, spec, q_len, kv_len, kv_split, p_in_registers, pipelined, rng
+):
+  """The first query tiles as key-range parts merged by LSE: the reference's answer; the
+  whole tiles bit for bit the unsplit kernel's, the split ones within rounding of it."""
+  q = normal(rng, (batch, t, heads, 64), jnp.bfloat16)
+  k, v = (normal(rng, (batch, s, kv_heads, 64), jnp.bfloat16) for _ in range(2))
+  options = dict(block_kv=64, pipelined=pipelined, p_in_registers=p_in_registers)
+  out, lse = _check_forward(q, k, v, spec, q_len, kv_len, kv_split=kv_split, **options)
+  plain_out, plain_lse = _check_forward(q, k, v, spec, q_len, kv_len, **options)
+  rows = kv_split[0] * mosaic_forward.CTA_ROWS
+  np.testing.assert_array_equal(out[:, rows:], plain_out[:, rows:])
+  np.testing.assert_array_equal(lse[..., rows:], plain_lse[..., rows:])
+  np.testing.assert_allclose(out[:, :rows], plain_out[:, :rows], rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(lse[..., :rows], plain_lse[..., :rows], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_kv_split_limits():
+  """A split that cannot run is refused with a reason: with several query tiles a CTA,
+  with a tail as long as the query, more parts than key tiles, or at head dim 256 (its
+  parts' float32 output does not fit in shared memory)."""
+  run = functools.partial(
+    mosaic_forward.forward, scale=0.1, spec=masks.MaskSpec(), q_len=256, kv_len=256
+  )
+  q = jax.ShapeDtypeStruct((1, 256, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="one query tile a CTA"):
+    jax.eval_shape(functools.partial(run, tiles_per_cta=2, kv_split=(1, 2)), q, q, q)
+  with pytest.raises(ValueError, match="tail < query tiles"):
+    jax.eval_shape(functools.partial(run, kv_split=(2, 2)), q, q, q)
+  with pytest.raises(ValueError, match="parts <= key tiles"):
+    jax.eval_shape(functools.partial(run, block_kv=128, kv_split=(1, 3)), q, q, q)
+  q = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="shared memory"):
+    jax.eval_shape(functools.partial(run, block_kv=64, interpret=False, kv_split=(1, 2)), q, q, q)
+  assert not mosaic_forward.kv_split_fits(256, 64, 2, 2)
+  assert mosaic_forward.kv_split_fits(128, 128, 2, 2) and mosaic_forward.kv_split_fits(
+    64, 256, 2, 2
+  )
+
+
+def test_merge_parts(rng):
+  """Outputs over disjoint key ranges, each softmax-normalised, merged by their LSE equal
+  attention over all the keys; a part that sees no key weighs nothing, and a row that sees
+  none in any part gets a zero output and -inf LSE."""
+  q = np.asarray(normal(rng, (1, 8, 2, 16)))
+  k, v = (np.asarray(normal(rng, (1, 24, 2, 16))) for _ in range(2))
+  scores = np.einsum("btnh,bsnh->bnts", q, k)
+  scores[:, :, 0, :] = -np.inf  # row 0 sees nothing
+  scores[:, :, 1, 8:] = -np.inf  # row 1 sees only the first part's keys
+
+  def attend(cols):
+    sc = scores[..., cols]
+    top = np.max(sc, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    w = np.exp(sc - top)
+    total = w.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", w / np.where(total > 0, total, 1), v[:, cols])
+    lse = np.where(total > 0, top + np.log(np.where(total > 0, total, 1)), -np.inf)[..., 0]
+    return out, lse / LN2  # base 2
+
+  ranges = [slice(0, 8), slice(8, 13), slice(13, 24)]
+  parts = [attend(cols) for cols in ranges]
+  o_parts = jnp.asarray(np.stack([o for o, _ in parts]))
+  lse_parts = jnp.asarray(np.stack([lse for _, lse in parts]))
+  out, lse = mosaic_forward.merge_parts(o_parts, lse_parts)
+  want_out, want_lse = attend(slice(0, 24))
+  np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-5)
+  assert np.all(np.asarray(lse)[:, :, 0] == -np.inf) and not np.asarray(out)[:, 0].any()
+
+
+def test_forward_kv_split_plan(monkeypatch):
+  """The launch model splits a grid whose last wave is part empty when that shortens the
+  modelled span, and leaves whole waves, short grids and very long ones alone."""
+  from pallas_attention import tuning
+
+  assert tuning._launch_span(132, [(133, 1.0)]) == 2.0
+  assert tuning._launch_span(4, [(4, 3.0), (4, 1.0), (1, 1.0)]) == 5.0
+  # head_dim 128 at 16k in the protocol: 16 heads of 128 query tiles, 15.5 waves.
+  plan = tuning.forward_kv_split(16, 128, 128, 132)
+  assert plan is not None
+  tail, parts = plan
+  assert 1 <= tail < 128 and parts in tuning.FWD_SPLIT_PARTS
+  assert 128 // parts >= tuning.FWD_SPLIT_MIN_PART
+  whole = 128 + tuning.FWD_SPLIT_OVERHEAD
+  unsplit = tuning._launch_span(132, [(2048, whole)])
+  sizes = [(p + 1) * 128 // parts - p * 128 // parts for p in range(parts)]
+  pieces = [(tail, size + tuning.FWD_SPLIT_OVERHEAD) for size in sizes] * 16
+  split = tuning._launch_span(132, [(16 * (128 - tail), whole)] + pieces)
+  assert split < unsplit * (1 - tuning.FWD_SPLIT_MIN_GAIN)
+  assert tuning.forward_kv_split(16, 132, 128, 132) is None  # 16 whole waves
+  assert tuning.forward_kv_split(2, 8, 4, 132) is None  # keys too short to part
+  assert tuning.forward_kv_split(1000, 128, 128, 132) is None  # 970 waves: nothing to gain
+  monkeypatch.setattr(tuning, "FWD_KV_SPLIT", False)
+  assert tuning.forward_kv_split(16, 128, 128, 132) is None
+
+
+@pytest.mark.skipif(ON_GPU, reason="lowers for CUDA as a CPU run would not")
+def test_forward_kv_split_dispatch(monkeypatch):
+  """flash_attention on a Hopper GPU (lowered for CUDA here, 132 SMs assumed) splits the
+  last wave of a long non-causal forward as tuning.forward_kv_split plans; not causal."""
+  from pallas_attention import flash_attention, tuning
+  from pallas_attention.mosaic import attention
+
+  monkeypatch.setattr(attention.fwd, "interpreting", lambda: False)
+  monkeypatch.setattr(attention, "_sm_count", lambda: 132)
+  x = jax.ShapeDtypeStruct((1, 16384, 9, 128), jnp.bfloat16)
+  tail, parts = tuning.forward_kv_split(9, 128, 128, 132)
+  parts_type = f"tensor<{parts}x1x{tail * 128}x9x128xf32>"
+
+  def lowered(causal):
+    run = functools.partial(flash_attention, is_causal=causal, implementation="mosaic")
+    return jax.jit(run).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+
+  assert parts_type in lowered(False)
+  assert parts_type not in lowered(True)
+  # Shorter keys: no split (tuning.FWD_SPLIT_MIN_KV).
+  x = jax.ShapeDtypeStruct((1, 8192, 18, 128), jnp.bfloat16)
+  assert tuning.forward_kv_split(18, 64, 64, 132) is not None
+  assert "x18x128xf32>" not in lowered(False)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the launch plan needs the GPU's SM count")
+def test_gpu_flash_attention_kv_split(monkeypatch, rng):
+  """On the GPU, a long non-causal call whose grid the plan splits: output and gradients
+  as without the split (whole query tiles bit for bit, split ones within rounding)."""
+  from pallas_attention import flash_attention, tuning
+  from pallas_attention.mosaic import attention
+
+  b, t, n, h = 1, 16384, 9, 128
+  plan = tuning.forward_kv_split(b * n, t // 128, t // 128, attention._sm_count())
+  if plan is None:
+    pytest.skip(f"no split planned on {attention._sm_count()} SMs")
+  q, k, v, do = (normal(rng, (b, t, n, h), jnp.bfloat16) for _ in range(4))
+
+  def run():
+    jax.clear_caches()
+    fn = functools.partial(flash_attention, implementation="mosaic")
+    out, vjp = jax.vjp(fn, q, k, v)
+    return [np.asarray(x, np.float32) for x in (out, *vjp(do))]
+
+  split = run()
+  monkeypatch.setattr(tuning, "FWD_KV_SPLIT", False)
+  plain = run()
+  rows = plan[0] * 128
+  np.testing.assert_array_equal(split[0][:, rows:], plain[0][:, rows:])
+  assert rel_err(split[0][:, :rows], plain[0][:, :rows]) < 1e-2
+  for got, want in zip(split[1:], plain[1:], strict=True):
+    assert rel_err(got, want) < 1e-2
+
+
 def test_block_table_short_and_long_keys():
   """head_dim 64 takes 256-row forward key tiles except for short causal key sequences."""
   from pallas_attention import tuning

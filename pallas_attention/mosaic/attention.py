@@ -175,6 +175,17 @@ def _forward(problem: Problem, q, k, v):
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   config = blocks(problem, q.shape, k.shape, q.dtype, "fwd")
   h_pad, t_pad, s_pad = _extents(t, s, h, config, "fwd")
+  head_pairs = config.fwd_head_pairs and (q.shape[2] // k.shape[2]) % 2 == 0
+  kv_split = None
+  spec = problem.spec
+  plain = not spec.causal and spec.window_left is None and spec.window_right is None
+  long_keys = s >= tuning.FWD_SPLIT_MIN_KV
+  if plain and long_keys and config.fwd_q_tiles == 1 and not head_pairs and not fwd.interpreting():
+    options = (h_pad, config.fwd_kv, config.fwd_stages, jnp.dtype(q.dtype).itemsize)
+    if fwd.kv_split_fits(*options):
+      pairs = q.shape[0] * q.shape[2]
+      tiles = (t_pad // fwd.CTA_ROWS, s_pad // config.fwd_kv)
+      kv_split = tuning.forward_kv_split(pairs, *tiles, _sm_count())
   out, lse2 = fwd.forward(
     _pad(q, t_pad, h_pad),
     _pad(k, s_pad, h_pad),
@@ -184,9 +195,15 @@ def _forward(problem: Problem, q, k, v):
     q_len=t,
     kv_len=s,
     **config.forward_options(),
-    head_pairs=config.fwd_head_pairs and (q.shape[2] // k.shape[2]) % 2 == 0,
+    head_pairs=head_pairs,
+    kv_split=kv_split,
   )
   return out[:, :t, :, :h], lse2[:, :, :t]
+
+
+def _sm_count() -> int:
+  """The default device's SMs (0 where it does not say)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or 0)
 
 
 def backward(problem: Problem, q, k, v, bias, mask, q_len, kv_len, do, lse2, delta):

@@ -53,6 +53,8 @@ CTA_ROWS = ROWS * CONSUMERS
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
 MAX_TILES_PER_CTA = 4
+STAGE_COLS = 64  # a kv_split part's float32 output goes out this many columns at a time
+SMEM_SLACK = 4096  # barriers, the LSE rows and alignment, beside the tiles
 
 
 def interpreting() -> bool:
@@ -114,6 +116,7 @@ def forward(
   p_in_registers: bool | None = None,
   head_pairs: bool = False,
   tiles_per_cta: int = 1,
+  kv_split: tuple[int, int] | None = None,
   interpret: bool | None = None,
 ):
   """``out [B, T, N, H]`` and base-2 LSE ``[B, N, T]`` (f32, -inf for empty rows).
@@ -142,6 +145,13 @@ def forward(
   the kernel's code grows with their number (on an H100, 8 tiles ran at half the speed
   of 4, and 4 tiles of the pipelined loop 23% under 2; benchmarks/RESULTS.md).
 
+  ``kv_split`` ``(tail, parts)`` (one query tile a CTA, no head pairs): the first
+  ``tail`` query tiles of every (batch, head) run as ``parts`` CTAs each, over a
+  ``parts``-th of the key tiles, launched after every whole tile, so that the grid's
+  last wave is short CTAs instead of a part-empty wave of long ones (``plan_kv_split``).
+  Their outputs are normalised per part and kept in float32, then merged by their LSE
+  after the kernel (``merge_parts``).
+
   ``interpret``: run in the Mosaic GPU interpreter (default: on a CPU backend).
   False on a CPU still traces and lowers for CUDA (``lowering_platforms=("cuda",)``).
   """
@@ -162,6 +172,23 @@ def forward(
     interpret = interpreting()
   if p_in_registers is None:
     p_in_registers = not interpret
+  num_kv_tiles = s // block_kv
+  if kv_split is not None and not kv_split_fits(
+    h, block_kv, stages, dtype.itemsize, p_in_registers
+  ):
+    raise ValueError(
+      f"mosaic forward: kv_split at head dim {h} with {stages} stages of {block_kv} key rows "
+      f"does not fit in shared memory ({SMEM_BYTES} bytes)"
+    )
+  if kv_split is not None:
+    tail, parts = kv_split
+    if items != 1 or tiles_per_cta != 1 or head_pairs:
+      raise ValueError("mosaic forward: kv_split needs one query tile a CTA and no head pairs")
+    if not (1 <= tail < num_q_tiles and 2 <= parts <= num_kv_tiles):
+      raise ValueError(
+        f"mosaic forward: kv_split={kv_split} with {num_q_tiles} query and {num_kv_tiles} "
+        "key tiles (1 <= tail < query tiles, 2 <= parts <= key tiles)"
+      )
   if items > 1:  # the second Q buffer must fit beside the key/value ring
     size = jnp.dtype(dtype).itemsize
     smem = (2 * CTA_ROWS + 2 * stages * block_kv) * h * size
@@ -176,16 +203,37 @@ def forward(
   # mask can produce (before or after the fully visible ones); non-causal: one loop.
   lead, trail = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries=False)
 
+  whole_per_pair = num_q_tiles - (kv_split[0] if kv_split else 0)
+
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch):
+    if kv_split:
+      o_parts_ref, lse_parts_ref, *scratch = scratch
     qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free, turn = scratch[:10]
     # turn: the serial schedule's two-arrival barrier; pipelined, one one-arrival
     # barrier per consumer ("your turn to issue products").
     p_smem = None if p_in_registers else scratch[10]
+    stage_smem = scratch[-1] if kv_split else None  # a part's float32 output
     # Several query tiles a CTA: the second Q buffer, and "Q buffer b is free again"
     # (both consumers' O stored from it).
     q_second, q_free = scratch[-2:] if items > 1 else (None, None)
     wg = lax.axis_index("wg")
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    part = is_part = None
+    if kv_split:
+      # A flat grid: every whole query tile (a head's tiles side by side, last first),
+      # then the parts of the first ``tail`` tiles (per head: part-major).
+      tail, parts = kv_split
+      cta = lax.axis_index("cta")
+      whole = b * n * whole_per_pair
+      is_part = cta >= whole
+      rel = jnp.where(is_part, cta - whole, cta)
+      per_pair = jnp.where(is_part, tail * parts, whole_per_pair)
+      pair, rem = lax.div(rel, per_pair), lax.rem(rel, per_pair)
+      part = lax.div(rem, jnp.array(tail, rem.dtype))
+      in_tail = lax.rem(rem, jnp.array(tail, rem.dtype))
+      split_row = jnp.where(is_part, in_tail, num_q_tiles - 1 - rem) * cta_rows
+      batch, head = lax.div(pair, jnp.array(n, pair.dtype)), lax.rem(pair, jnp.array(n, pair.dtype))
+    else:
+      batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     if head_pairs:  # grid axis "heads" counts pairs; warpgroup w takes head 2·pair + w
       head = 2 * head
     kv_head = lax.div(head, jnp.array(groups, head.dtype))
@@ -194,7 +242,9 @@ def forward(
 
     def kv_range(r):
       """The first row of the CTA's r-th query tile, and the key tiles it visits."""
-      if items == 1:  # last-first: under a causal mask the longest CTAs start first
+      if kv_split:
+        start = split_row
+      elif items == 1:  # last-first: under a causal mask the longest CTAs start first
         start = (num_q_tiles - 1 - lax.axis_index("q")) * cta_rows
       else:  # a head's tiles ordered last, first, second-last, second, ...
         pos = lax.axis_index("q") * items + r
@@ -202,6 +252,12 @@ def forward(
         even = lax.rem(pos, jnp.array(2, pos.dtype)) == 0
         start = jnp.where(even, num_q_tiles - 1 - half, half) * cta_rows
       lo, _, _, hi = masks.kv_block_range(start, cta_rows, block_kv, spec, q_len, kv_len)
+      if kv_split:  # a part: its share of the key tiles (the consumers clip to it)
+        parts = jnp.array(kv_split[1], part.dtype)
+        part_lo = jnp.where(is_part, lax.div(part * num_kv_tiles, parts), 0)
+        part_hi = jnp.where(is_part, lax.div((part + 1) * num_kv_tiles, parts), num_kv_tiles)
+        lo = jnp.maximum(lo, part_lo)
+        hi = jnp.maximum(jnp.minimum(hi, part_hi), lo)
       return start, lo, hi
 
     def q_tile(buf, w):  # consumer w's Q (then O) buffer
@@ -512,11 +568,36 @@ def forward(
           empty = denom == 0.0
           safe = jnp.where(empty, 1.0, denom)
           inv = 1.0 / safe
-          q_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-          lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, ROWS), head])
-          plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, ROWS)])
+          out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+          rows = pl.ds(q_start, ROWS)
+
+          def store_lse():
+            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(safe))
+
+          def store():
+            q_smem[...] = out.astype(dtype)
+            store_lse()
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
+
+          def store_part():  # float32 until the merge, through shared memory 64 columns at a time
+            store_lse()
+            for c in range(h // STAGE_COLS):
+              if c:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              cols = slice(c * STAGE_COLS, (c + 1) * STAGE_COLS)
+              stage_smem.at[wg][...] = out[:, cols]
+              plgpu.commit_smem()
+              target = o_parts_ref.at[part, batch, rows, head, pl.ds(c * STAGE_COLS, STAGE_COLS)]
+              plgpu.copy_smem_to_gmem(stage_smem.at[wg], target)
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_parts_ref.at[part, batch, head, rows])
+
+          if kv_split:
+            pl.when(~is_part)(store)
+            pl.when(is_part)(store_part)
+          else:
+            store()
           if items == 1 or r == items - 1:
             plgpu.wait_smem_to_gmem(0)
           else:  # the Q buffer and lse_smem are free once read
@@ -557,17 +638,59 @@ def forward(
   if items > 1:  # a second Q buffer: the next tile's Q loads while this one computes
     scratch.append(plgpu.SMEM((CONSUMERS, ROWS, h), dtype, transforms=_SWIZZLED))
     scratch.append(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2))
+  out_type = [q, jax.ShapeDtypeStruct((b, n, t), jnp.float32)]
+  # Mosaic GPU launches the last grid axis fastest: CTAs of one head's query
+  # tiles run side by side and share its K/V tiles in L2.
+  grid, grid_names = (b, n // 2 if head_pairs else n, num_q_tiles // items), ("batch", "heads", "q")
+  if kv_split:
+    tail, parts = kv_split
+    scratch.append(plgpu.SMEM((CONSUMERS, ROWS, STAGE_COLS), jnp.float32))
+    out_type += [
+      jax.ShapeDtypeStruct((parts, b, tail * cta_rows, n, h), jnp.float32),
+      jax.ShapeDtypeStruct((parts, b, n, tail * cta_rows), jnp.float32),
+    ]
+    grid, grid_names = (b * n * (whole_per_pair + tail * parts),), ("cta",)
   kernel_call = plgpu.kernel(
     kernel,
-    out_type=[q, jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-    # Mosaic GPU launches the last grid axis fastest: CTAs of one head's query
-    # tiles run side by side and share its K/V tiles in L2.
-    grid=(b, n // 2 if head_pairs else n, num_q_tiles // items),
-    grid_names=("batch", "heads", "q"),
+    out_type=out_type,
+    grid=grid,
+    grid_names=grid_names,
     num_threads=CONSUMERS + 1,
     thread_name="wg",
     scratch_types=scratch,
     compiler_params=compiler_params(interpret),
     kernel_name="attention_fwd",  # in profiles (benchmarks/profile_step.py)
   )
-  return call(kernel_call, q, k, v, interpret=interpret)
+  if not kv_split:
+    return call(kernel_call, q, k, v, interpret=interpret)
+  out, lse, o_parts, lse_parts = call(kernel_call, q, k, v, interpret=interpret)
+  # XLA's GPU compiler would otherwise fuse the updates below into the kernel's call
+  # (its dynamic-slice fusion) and then reject the graph for a cycle (jax 0.11.2).
+  out, lse = lax.optimization_barrier((out, lse))
+  o_tail, lse_tail = merge_parts(o_parts, lse_parts)
+  out = lax.dynamic_update_slice(out, o_tail.astype(dtype), (0, 0, 0, 0))
+  return out, lax.dynamic_update_slice(lse, lse_tail, (0, 0, 0))
+
+
+def kv_split_fits(h: int, block_kv: int, stages: int, itemsize: int, p_in_registers=True) -> bool:
+  """Whether a ``kv_split`` forward fits in shared memory: its parts stage their float32
+  output, STAGE_COLS columns at a time, beside the Q buffer and the key/value ring (not
+  at head dim 256)."""
+  smem = (CTA_ROWS + 2 * stages * block_kv) * h * itemsize + CTA_ROWS * STAGE_COLS * 4
+  smem += 0 if p_in_registers else CTA_ROWS * block_kv * itemsize
+  return smem + SMEM_SLACK <= SMEM_BYTES
+
+
+def merge_parts(o_parts, lse_parts):
+  """Outputs over disjoint key ranges merged into one: ``o_parts [P, B, T, N, H]``, each
+  normalised over its keys, and their base-2 LSE ``lse_parts [P, B, N, T]`` (-inf: no
+  visible key) -> ``out [B, T, N, H]`` (float32) and LSE ``[B, N, T]``."""
+  top = lse_parts.max(axis=0)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weights = jnp.exp2(lse_parts - top)  # [P, B, N, T]; 0 for a part that saw no key
+  total = weights.sum(axis=0)
+  lse = jnp.where(total > 0, top + jnp.log2(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+  weights = weights / jnp.where(total > 0, total, 1.0)
+  # Elementwise products summed (not a dot, which may round through TF32).
+  out = (jnp.transpose(weights, (0, 1, 3, 2))[..., None] * o_parts).sum(axis=0)
+  return out, lse
