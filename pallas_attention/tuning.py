@@ -372,7 +372,8 @@ def forward_kv_split(pairs: int, q_tiles: int, kv_tiles: int, sms: int) -> tuple
   ``q_tiles`` query and ``kv_tiles`` key tiles on ``sms`` SMs, or None: the split whose
   modelled span (``_launch_span``, each CTA costing its key tiles plus
   FWD_SPLIT_OVERHEAD) is shortest, if it beats the unsplit grid by FWD_SPLIT_MIN_GAIN;
-  always None with FWD_KV_SPLIT off."""
+  always None with FWD_KV_SPLIT off. The dispatch (mosaic.attention) asks for keys of at
+  least FWD_SPLIT_MIN_KV only, with one query tile a CTA, where the split fits."""
   if not FWD_KV_SPLIT:
     return None
   model = (FWD_SPLIT_PARTS, FWD_SPLIT_MIN_PART, FWD_SPLIT_OVERHEAD, FWD_SPLIT_MIN_GAIN)

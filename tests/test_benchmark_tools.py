@@ -138,15 +138,22 @@ def test_timeline_analyse_synthetic_chain(tools):
   assert u["life"] == pytest.approx(life.mean())
 
 
-def test_kernel_hashes_follow_the_traced_kernels(monkeypatch):
+@pytest.fixture
+def hashes_tool(monkeypatch):
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import kernel_hashes
+
+  yield kernel_hashes
+  sys.modules.pop("kernel_hashes", None)
+
+
+def test_kernel_hashes_follow_the_traced_kernels(hashes_tool, monkeypatch):
   """benchmarks/kernel_hashes.py (for changes that should leave the kernels alone): the
   same tree hashes the same; a tuning switch that changes the ordered backward's traced
   code changes that case's hash and no other."""
   from pallas_attention import tuning
 
-  monkeypatch.syspath_prepend(str(BENCHMARKS))
-  import kernel_hashes
-
+  kernel_hashes = hashes_tool
   selection = dict(head_dims=(128,), seqlens=(2048,), heads=((2, 2),), parts=("fwd", "bwd"))
   before = kernel_hashes.hashes(**selection)
   assert sorted(before) == ["bwd h=128 causal=0 t=2048 heads=2/2",
@@ -159,4 +166,3 @@ def test_kernel_hashes_follow_the_traced_kernels(monkeypatch):
   monkeypatch.setattr(tuning, "ORDERED_POLL_FIRST", not tuning.ORDERED_POLL_FIRST)
   after = kernel_hashes.hashes(**selection)
   assert kernel_hashes.compare(after, before) == ["bwd h=128 causal=0 t=2048 heads=2/2"]
-  sys.modules.pop("kernel_hashes", None)

@@ -28,6 +28,10 @@ them. Query tiles run last-first, so under a causal mask the longest CTAs start
 first. With ``tiles_per_cta`` > 1 a CTA runs several query tiles of its head in turn
 (short sequences): the producer loads the next one's Q into a second buffer and its
 key/value tiles on through the same ring while the consumers finish the current one.
+With ``kv_split`` (long non-causal calls, planned by tuning.forward_kv_split) the grid's
+last, part-empty wave becomes short CTAs: the first query tiles of every head run as
+several CTAs over parts of the keys, after every whole tile, and their float32 outputs
+are merged by LSE after the kernel (merge_parts).
 
 ``p_in_registers``: on the GPU, P stays in registers as the left operand of the
 P·V ``wgmma``. The Mosaic GPU interpreter (CPU) does not take a register
