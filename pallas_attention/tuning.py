@@ -347,10 +347,13 @@ _FWD_Q_TILES: dict[tuple[int, bool], tuple[tuple[int, int], ...]] = {
 # FWD_SPLIT_MIN_KV long. H200 (fifteenth session, benchmarks/RESULTS.md), forward TFLOP/s
 # split / not, non-causal: head_dim 128 at 16k 623-632 / 615-619 in five processes, at 8k
 # 611-629 / 610-645 (no gain: shorter CTAs, the parts' start and merge weigh more);
-# head_dim 64 at 16k 493-496 / 486-488. Head dim 256 does not fit (mosaic.forward).
+# head_dim 64 at 16k 493-496 / 486-488; head_dim 256 at 16k 671-673 / 666-667 (two
+# processes, its 5 parts).
 FWD_KV_SPLIT = True
 FWD_SPLIT_MIN_KV = 16384
 FWD_SPLIT_PARTS = (2, 3, 4)
+# Head dim 256 (7.76 waves at 16k): the model finds a plan only with 5 parts.
+_FWD_SPLIT_PARTS_BY_HEAD_DIM = {256: (2, 3, 4, 5)}
 FWD_SPLIT_MIN_PART = 4  # key tiles a part visits, at least
 FWD_SPLIT_OVERHEAD = 3  # a CTA's start and end, in key tiles (the model's guess)
 FWD_SPLIT_MIN_GAIN = 0.01  # of the modelled time, or no split
@@ -367,16 +370,20 @@ def _launch_span(sms: int, jobs) -> float:
   return max(free)
 
 
-def forward_kv_split(pairs: int, q_tiles: int, kv_tiles: int, sms: int) -> tuple[int, int] | None:
+def forward_kv_split(
+  pairs: int, q_tiles: int, kv_tiles: int, sms: int, head_dim: int | None = None
+) -> tuple[int, int] | None:
   """``(tail, parts)`` for a non-causal forward of ``pairs`` (batch, head) pairs of
-  ``q_tiles`` query and ``kv_tiles`` key tiles on ``sms`` SMs, or None: the split whose
+  ``q_tiles`` query and ``kv_tiles`` key tiles on ``sms`` SMs, or None: the split (into
+  FWD_SPLIT_PARTS parts, or the head dim's own counts) whose
   modelled span (``_launch_span``, each CTA costing its key tiles plus
   FWD_SPLIT_OVERHEAD) is shortest, if it beats the unsplit grid by FWD_SPLIT_MIN_GAIN;
   always None with FWD_KV_SPLIT off. The dispatch (mosaic.attention) asks for keys of at
   least FWD_SPLIT_MIN_KV only, with one query tile a CTA, where the split fits."""
   if not FWD_KV_SPLIT:
     return None
-  model = (FWD_SPLIT_PARTS, FWD_SPLIT_MIN_PART, FWD_SPLIT_OVERHEAD, FWD_SPLIT_MIN_GAIN)
+  parts = _FWD_SPLIT_PARTS_BY_HEAD_DIM.get(head_dim, FWD_SPLIT_PARTS)
+  model = (parts, FWD_SPLIT_MIN_PART, FWD_SPLIT_OVERHEAD, FWD_SPLIT_MIN_GAIN)
   return _planned_kv_split(pairs, q_tiles, kv_tiles, sms, *model)
 
 

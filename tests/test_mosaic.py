@@ -204,6 +204,21 @@ def test_forward_kv_split(
   np.testing.assert_allclose(lse[..., :rows], plain_lse[..., :rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p_in_registers", P_PATHS[:1])
+def test_forward_kv_split_head_dim_256(p_in_registers, rng):
+  """Head dim 256 (the pipelined loop, 64-row key tiles, its parts' output in 32-column
+  slices): the reference's answer, whole tiles bit for bit the unsplit kernel's. On the
+  GPU with P in registers only: through shared memory the split does not fit there."""
+  q, k, v = (normal(rng, (1, 256, 1, 256), jnp.bfloat16) for _ in range(3))
+  spec = masks.MaskSpec()
+  options = dict(block_kv=64, pipelined=True, p_in_registers=p_in_registers)
+  out, lse = _check_forward(q, k, v, spec, 256, 250, kv_split=(1, 3), **options)
+  plain_out, plain_lse = _check_forward(q, k, v, spec, 256, 250, **options)
+  np.testing.assert_array_equal(out[:, 128:], plain_out[:, 128:])
+  np.testing.assert_allclose(out[:, :128], plain_out[:, :128], rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(lse, plain_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_forward_kv_split_limits():
   """A split that cannot run is refused with a reason: with several query tiles a CTA,
   with a tail as long as the query, more parts than key tiles, or at head dim 256 (its
@@ -220,11 +235,12 @@ def test_forward_kv_split_limits():
     jax.eval_shape(functools.partial(run, block_kv=128, kv_split=(1, 3)), q, q, q)
   q = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
   with pytest.raises(ValueError, match="shared memory"):
-    jax.eval_shape(functools.partial(run, block_kv=64, interpret=False, kv_split=(1, 2)), q, q, q)
-  assert not mosaic_forward.kv_split_fits(256, 64, 2, 2)
-  assert mosaic_forward.kv_split_fits(128, 128, 2, 2) and mosaic_forward.kv_split_fits(
-    64, 256, 2, 2
-  )
+    jax.eval_shape(functools.partial(run, block_kv=128, interpret=False, kv_split=(1, 2)), q, q, q)
+  assert not mosaic_forward.kv_split_fits(256, 128, 2, 2)
+  # The table's blocks: head dim 256 stages its parts' output 32 columns at a time.
+  assert mosaic_forward.kv_split_fits(256, 64, 2, 2)
+  assert mosaic_forward.kv_split_fits(128, 128, 2, 2)
+  assert mosaic_forward.kv_split_fits(64, 256, 2, 2)
 
 
 def test_merge_parts(rng):
@@ -265,6 +281,9 @@ def test_forward_kv_split_plan(monkeypatch):
 
   assert tuning._launch_span(132, [(133, 1.0)]) == 2.0
   assert tuning._launch_span(4, [(4, 3.0), (4, 1.0), (1, 1.0)]) == 5.0
+  # Head dim 256 at 16k (8 heads, 7.76 waves): a plan only with its own 5 parts.
+  assert tuning.forward_kv_split(8, 128, 256, 132) is None
+  assert tuning.forward_kv_split(8, 128, 256, 132, head_dim=256)[1] == 5
   # head_dim 128 at 16k in the protocol: 16 heads of 128 query tiles, 15.5 waves.
   plan = tuning.forward_kv_split(16, 128, 128, 132)
   assert plan is not None

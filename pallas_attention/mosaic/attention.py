@@ -185,7 +185,7 @@ def _forward(problem: Problem, q, k, v):
     if fwd.kv_split_fits(*options):
       pairs = q.shape[0] * q.shape[2]
       tiles = (t_pad // fwd.CTA_ROWS, s_pad // config.fwd_kv)
-      kv_split = tuning.forward_kv_split(pairs, *tiles, _sm_count())
+      kv_split = tuning.forward_kv_split(pairs, *tiles, _sm_count(), head_dim=h_pad)
   out, lse2 = fwd.forward(
     _pad(q, t_pad, h_pad),
     _pad(k, s_pad, h_pad),

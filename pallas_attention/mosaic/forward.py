@@ -57,7 +57,9 @@ CTA_ROWS = ROWS * CONSUMERS
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
 MAX_TILES_PER_CTA = 4
-STAGE_COLS = 64  # a kv_split part's float32 output goes out this many columns at a time
+# A kv_split part's float32 output goes out this many columns at a time (head dim 256:
+# half as many, to fit beside its key/value ring).
+STAGE_COLS = {64: 64, 128: 64, 256: 32}
 SMEM_SLACK = 4096  # barriers, the LSE rows and alignment, beside the tiles
 
 
@@ -177,9 +179,8 @@ def forward(
   if p_in_registers is None:
     p_in_registers = not interpret
   num_kv_tiles = s // block_kv
-  if kv_split is not None and not kv_split_fits(
-    h, block_kv, stages, dtype.itemsize, p_in_registers
-  ):
+  fits = kv_split_fits(h, block_kv, stages, dtype.itemsize, p_in_registers)
+  if kv_split is not None and not fits and not interpret:  # the interpreter has room
     raise ValueError(
       f"mosaic forward: kv_split at head dim {h} with {stages} stages of {block_kv} key rows "
       f"does not fit in shared memory ({SMEM_BYTES} bytes)"
@@ -585,15 +586,15 @@ def forward(
             plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
 
-          def store_part():  # float32 until the merge, through shared memory 64 columns at a time
+          def store_part():  # float32 until the merge, through shared memory in slices
             store_lse()
-            for c in range(h // STAGE_COLS):
+            width = STAGE_COLS[h]
+            for c in range(h // width):
               if c:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-              cols = slice(c * STAGE_COLS, (c + 1) * STAGE_COLS)
-              stage_smem.at[wg][...] = out[:, cols]
+              stage_smem.at[wg][...] = out[:, c * width : (c + 1) * width]
               plgpu.commit_smem()
-              target = o_parts_ref.at[part, batch, rows, head, pl.ds(c * STAGE_COLS, STAGE_COLS)]
+              target = o_parts_ref.at[part, batch, rows, head, pl.ds(c * width, width)]
               plgpu.copy_smem_to_gmem(stage_smem.at[wg], target)
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_parts_ref.at[part, batch, head, rows])
 
@@ -648,7 +649,7 @@ def forward(
   grid, grid_names = (b, n // 2 if head_pairs else n, num_q_tiles // items), ("batch", "heads", "q")
   if kv_split:
     tail, parts = kv_split
-    scratch.append(plgpu.SMEM((CONSUMERS, ROWS, STAGE_COLS), jnp.float32))
+    scratch.append(plgpu.SMEM((CONSUMERS, ROWS, STAGE_COLS[h]), jnp.float32))
     out_type += [
       jax.ShapeDtypeStruct((parts, b, tail * cta_rows, n, h), jnp.float32),
       jax.ShapeDtypeStruct((parts, b, n, tail * cta_rows), jnp.float32),
@@ -678,9 +679,8 @@ def forward(
 
 def kv_split_fits(h: int, block_kv: int, stages: int, itemsize: int, p_in_registers=True) -> bool:
   """Whether a ``kv_split`` forward fits in shared memory: its parts stage their float32
-  output, STAGE_COLS columns at a time, beside the Q buffer and the key/value ring (not
-  at head dim 256)."""
-  smem = (CTA_ROWS + 2 * stages * block_kv) * h * itemsize + CTA_ROWS * STAGE_COLS * 4
+  output, STAGE_COLS[h] columns at a time, beside the Q buffer and the key/value ring."""
+  smem = (CTA_ROWS + 2 * stages * block_kv) * h * itemsize + CTA_ROWS * STAGE_COLS[h] * 4
   smem += 0 if p_in_registers else CTA_ROWS * block_kv * itemsize
   return smem + SMEM_SLACK <= SMEM_BYTES
 
