@@ -342,10 +342,10 @@ _FWD_Q_TILES: dict[tuple[int, bool], tuple[tuple[int, int], ...]] = {
 # The forward's last wave (mosaic.forward.forward's kv_split): a grid of equal CTAs ends
 # on a part-empty wave when their number is not a multiple of the SMs' (head_dim 128 in
 # the protocol: 2048 CTAs, 15.5 waves of 132). With FWD_KV_SPLIT the first query tiles of
-# every head run as 2-4 CTAs over parts of the keys, launched after every whole tile,
-# wherever forward_kv_split's model of the launch says so, for keys at least
-# FWD_SPLIT_MIN_KV long. H200 (fifteenth session, benchmarks/RESULTS.md), forward TFLOP/s
-# split / not, non-causal: head_dim 128 at 16k 623-632 / 615-619 in five processes, at 8k
+# every head run as 2-4 CTAs (5 at head dim 256) over parts of the keys, launched after
+# every whole tile, wherever forward_kv_split's model of the launch says so, for keys at
+# least FWD_SPLIT_MIN_KV long. H200 (fifteenth session, benchmarks/RESULTS.md), forward TFLOP/s
+# split / not, non-causal: head_dim 128 at 16k 623-632 / 615-619 in six processes, at 8k
 # 611-629 / 610-645 (no gain: shorter CTAs, the parts' start and merge weigh more);
 # head_dim 64 at 16k 493-496 / 486-488; head_dim 256 at 16k 671-673 / 666-667 (two
 # processes, its 5 parts).

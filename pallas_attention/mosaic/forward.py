@@ -179,14 +179,14 @@ def forward(
   if p_in_registers is None:
     p_in_registers = not interpret
   num_kv_tiles = s // block_kv
-  fits = kv_split_fits(h, block_kv, stages, dtype.itemsize, p_in_registers)
-  if kv_split is not None and not fits and not interpret:  # the interpreter has room
-    raise ValueError(
-      f"mosaic forward: kv_split at head dim {h} with {stages} stages of {block_kv} key rows "
-      f"does not fit in shared memory ({SMEM_BYTES} bytes)"
-    )
+  tail, parts = kv_split or (0, 1)  # without a split: every query tile whole
   if kv_split is not None:
-    tail, parts = kv_split
+    fits = kv_split_fits(h, block_kv, stages, dtype.itemsize, p_in_registers)
+    if not fits and not interpret:  # the interpreter has room
+      raise ValueError(
+        f"mosaic forward: kv_split at head dim {h} with {stages} stages of {block_kv} key "
+        f"rows does not fit in shared memory ({SMEM_BYTES} bytes)"
+      )
     if items != 1 or tiles_per_cta != 1 or head_pairs:
       raise ValueError("mosaic forward: kv_split needs one query tile a CTA and no head pairs")
     if not (1 <= tail < num_q_tiles and 2 <= parts <= num_kv_tiles):
@@ -195,9 +195,7 @@ def forward(
         "key tiles (1 <= tail < query tiles, 2 <= parts <= key tiles)"
       )
   if items > 1:  # the second Q buffer must fit beside the key/value ring
-    size = jnp.dtype(dtype).itemsize
-    smem = (2 * CTA_ROWS + 2 * stages * block_kv) * h * size
-    smem += 0 if p_in_registers else CTA_ROWS * block_kv * size
+    smem = _tile_smem(h, block_kv, stages, dtype.itemsize, p_in_registers, q_buffers=2)
     if smem > SMEM_BYTES:
       raise ValueError(
         f"mosaic forward: {items} query tiles a CTA at head dim {h} with {stages} stages of "
@@ -208,7 +206,7 @@ def forward(
   # mask can produce (before or after the fully visible ones); non-causal: one loop.
   lead, trail = masks.edge_runs(spec, q_len, kv_len, t, s, over_queries=False)
 
-  whole_per_pair = num_q_tiles - (kv_split[0] if kv_split else 0)
+  whole_per_pair = num_q_tiles - tail
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch):
     if kv_split:
@@ -226,7 +224,6 @@ def forward(
     if kv_split:
       # A flat grid: every whole query tile (a head's tiles side by side, last first),
       # then the parts of the first ``tail`` tiles (per head: part-major).
-      tail, parts = kv_split
       cta = lax.axis_index("cta")
       whole = b * n * whole_per_pair
       is_part = cta >= whole
@@ -258,9 +255,9 @@ def forward(
         start = jnp.where(even, num_q_tiles - 1 - half, half) * cta_rows
       lo, _, _, hi = masks.kv_block_range(start, cta_rows, block_kv, spec, q_len, kv_len)
       if kv_split:  # a part: its share of the key tiles (the consumers clip to it)
-        parts = jnp.array(kv_split[1], part.dtype)
-        part_lo = jnp.where(is_part, lax.div(part * num_kv_tiles, parts), 0)
-        part_hi = jnp.where(is_part, lax.div((part + 1) * num_kv_tiles, parts), num_kv_tiles)
+        count = jnp.array(parts, part.dtype)
+        part_lo = jnp.where(is_part, lax.div(part * num_kv_tiles, count), 0)
+        part_hi = jnp.where(is_part, lax.div((part + 1) * num_kv_tiles, count), num_kv_tiles)
         lo = jnp.maximum(lo, part_lo)
         hi = jnp.maximum(jnp.minimum(hi, part_hi), lo)
       return start, lo, hi
@@ -648,7 +645,6 @@ def forward(
   # tiles run side by side and share its K/V tiles in L2.
   grid, grid_names = (b, n // 2 if head_pairs else n, num_q_tiles // items), ("batch", "heads", "q")
   if kv_split:
-    tail, parts = kv_split
     scratch.append(plgpu.SMEM((CONSUMERS, ROWS, STAGE_COLS[h]), jnp.float32))
     out_type += [
       jax.ShapeDtypeStruct((parts, b, tail * cta_rows, n, h), jnp.float32),
@@ -680,9 +676,15 @@ def forward(
 def kv_split_fits(h: int, block_kv: int, stages: int, itemsize: int, p_in_registers=True) -> bool:
   """Whether a ``kv_split`` forward fits in shared memory: its parts stage their float32
   output, STAGE_COLS[h] columns at a time, beside the Q buffer and the key/value ring."""
-  smem = (CTA_ROWS + 2 * stages * block_kv) * h * itemsize + CTA_ROWS * STAGE_COLS[h] * 4
-  smem += 0 if p_in_registers else CTA_ROWS * block_kv * itemsize
+  smem = _tile_smem(h, block_kv, stages, itemsize, p_in_registers) + CTA_ROWS * STAGE_COLS[h] * 4
   return smem + SMEM_SLACK <= SMEM_BYTES
+
+
+def _tile_smem(h, block_kv, stages, itemsize, p_in_registers, q_buffers=1) -> int:
+  """Shared memory of a forward CTA's tiles: its Q buffers, the key/value ring and (P
+  not in registers) the P tiles."""
+  smem = (q_buffers * CTA_ROWS + 2 * stages * block_kv) * h * itemsize
+  return smem + (0 if p_in_registers else CTA_ROWS * block_kv * itemsize)
 
 
 def merge_parts(o_parts, lse_parts):
