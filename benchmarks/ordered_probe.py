@@ -37,6 +37,10 @@ point as it is measured, then a table:
   writer counts its adds once they are read, not landed; the order may break);
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
+- ``ord-halfloads`` / ``fused-halfloads``: the ordered / unordered fused backward with
+  only the first half of each Q and dO tile fetched (a diagnostic, the results are wrong):
+  what halving the kernel's reads of those tiles from L2 would give (as a cluster of two
+  key blocks sharing them by TMA multicast would, without the cluster's coupling);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -72,6 +76,8 @@ VARIANTS = {
   "ord-globalchunks": lambda: mock.patch.object(tuning, "ORDERED_CHUNK_BY_HEAD_DIM", {}),
   "ord-relaxed": lambda: _relaxed_signals(),
   "ord-readland": lambda: _read_only_stores(),
+  "ord-halfloads": lambda: _half_loads(),
+  "fused-halfloads": lambda: _half_loads(),
 }
 
 
@@ -121,6 +127,35 @@ def _read_only_stores():
     return wait_stores(n, wait_read_only=True)
 
   with mock.patch.object(plgpu, "wait_smem_to_gmem", read_only):
+    yield
+
+
+@contextlib.contextmanager
+def _half_loads():
+  """The fused kernels' producer fetches the first half of the rows of each Q and dO tile
+  (and whole lse and delta vectors); the other rows keep what the ring slot held."""
+  from jax.experimental import pallas as pl
+
+  from pallas_attention.mosaic import backward
+
+  def produce(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, down=False):
+    q_ref, lse_ref, do_ref, delta_ref = refs
+    q_ring, lse_ring, do_ring, delta_ring = rings
+    q_bar, do_bar, consumed = bars
+    half = bq // 2
+
+    def fetch(step, slot):
+      g, i = backward._query_tile(step, lo, num_q, down)
+      q0, head = i * bq, head0 + g
+      rows, vec = (batch, pl.ds(q0, half), head), (batch, head, pl.ds(q0, bq))
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot, pl.ds(0, half)], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot, pl.ds(0, half)], do_bar.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
+
+    backward._produce(group * num_q, stages, fetch, consumed)
+
+  with mock.patch.object(backward, "_produce_query_tiles", produce):
     yield
 
 
@@ -187,6 +222,10 @@ def applied(name: str):
     return
   jax.clear_caches()  # jit caches key on the Problem, not on the table
   try:
+    if name.startswith("fused-"):  # the unordered fused backward
+      with context:
+        yield "mosaic-fused"
+      return
     with bench._ordered_everywhere(), context:
       yield "mosaic"
   finally:
