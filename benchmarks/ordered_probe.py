@@ -41,6 +41,8 @@ point as it is measured, then a table:
   only the first half of each Q and dO tile fetched (a diagnostic, the results are wrong):
   what halving the kernel's reads of those tiles from L2 would give (as a cluster of two
   key blocks sharing them by TMA multicast would, without the cluster's coupling);
+- ``fused-nomulticast``: the unordered fused backward without clusters (bench.py's
+  ``mosaic-nomulticast`` is the default's);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -56,6 +58,7 @@ from unittest import mock
 
 import bench
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_attention import tuning
@@ -78,6 +81,7 @@ VARIANTS = {
   "ord-readland": lambda: _read_only_stores(),
   "ord-halfloads": lambda: _half_loads(),
   "fused-halfloads": lambda: _half_loads(),
+  "fused-nomulticast": lambda: mock.patch.object(tuning, "BWD_MULTICAST", False),
 }
 
 
@@ -241,6 +245,15 @@ def measure(name: str, seqlen: int, head_dim: int, causal: bool) -> float | str:
   return bench.flops(seqlen, head_dim, causal, True) / seconds / 1e12
 
 
+def _zero_half(inputs):
+  def zeroed(*args, **kwargs):
+    q, k, v, do = inputs(*args, **kwargs)
+    keep = (jnp.arange(q.shape[1]) % 64 < 32)[None, :, None, None]
+    return [q * keep, k, v, do * keep]
+
+  return zeroed
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
@@ -252,7 +265,15 @@ def main(argv=None) -> int:
     default=["ord-headwise", "ord-chunk8", "ord-chunk4", "ord-nowait", "mosaic-fused", "cudnn"],
     help=f"variants ({', '.join(VARIANTS)}) and bench.py implementations",
   )
+  parser.add_argument(
+    "--zero-half",
+    action="store_true",
+    help="Q and dO with the last 32 rows of every 64 zero (a diagnostic: the same work on "
+    "data that costs the tensor cores less energy; ord-halfloads' tiles hold such rows)",
+  )
   opts = parser.parse_args(argv)
+  if opts.zero_half:
+    bench.inputs = _zero_half(bench.inputs)
   causals = {"no": [False], "yes": [True], "both": [False, True]}[opts.causal]
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, bf16, fwd+bwd TFLOP/s")
   results = []

@@ -197,7 +197,13 @@ def test_forward_kv_split(
   options = dict(block_kv=64, pipelined=pipelined, p_in_registers=p_in_registers)
   out, lse = _check_forward(q, k, v, spec, q_len, kv_len, kv_split=kv_split, **options)
   plain_out, plain_lse = _check_forward(q, k, v, spec, q_len, kv_len, **options)
-  rows = kv_split[0] * mosaic_forward.CTA_ROWS
+  _same_outside_split((out, lse), (plain_out, plain_lse), kv_split[0] * mosaic_forward.CTA_ROWS)
+
+
+def _same_outside_split(split, plain, rows):
+  """A split forward's output and LSE against the unsplit kernel's: bit for bit after the
+  first ``rows`` query rows (the whole tiles), within rounding in them (the parts)."""
+  (out, lse), (plain_out, plain_lse) = split, plain
   np.testing.assert_array_equal(out[:, rows:], plain_out[:, rows:])
   np.testing.assert_array_equal(lse[..., rows:], plain_lse[..., rows:])
   np.testing.assert_allclose(out[:, :rows], plain_out[:, :rows], rtol=1e-2, atol=1e-2)
@@ -207,16 +213,14 @@ def test_forward_kv_split(
 @pytest.mark.parametrize("p_in_registers", P_PATHS[:1])
 def test_forward_kv_split_head_dim_256(p_in_registers, rng):
   """Head dim 256 (the pipelined loop, 64-row key tiles, its parts' output in 32-column
-  slices): the reference's answer, whole tiles bit for bit the unsplit kernel's. On the
-  GPU with P in registers only: through shared memory the split does not fit there."""
+  slices): the reference's answer, whole tiles bit for bit the unsplit kernel's (output
+  and LSE), the split ones within rounding of it. On the GPU with P in registers only:
+  through shared memory the split does not fit there."""
   q, k, v = (normal(rng, (1, 256, 1, 256), jnp.bfloat16) for _ in range(3))
   spec = masks.MaskSpec()
   options = dict(block_kv=64, pipelined=True, p_in_registers=p_in_registers)
-  out, lse = _check_forward(q, k, v, spec, 256, 250, kv_split=(1, 3), **options)
-  plain_out, plain_lse = _check_forward(q, k, v, spec, 256, 250, **options)
-  np.testing.assert_array_equal(out[:, 128:], plain_out[:, 128:])
-  np.testing.assert_allclose(out[:, :128], plain_out[:, :128], rtol=1e-2, atol=1e-2)
-  np.testing.assert_allclose(lse, plain_lse, rtol=1e-5, atol=1e-5)
+  split = _check_forward(q, k, v, spec, 256, 250, kv_split=(1, 3), **options)
+  _same_outside_split(split, _check_forward(q, k, v, spec, 256, 250, **options), 128)
 
 
 def test_forward_kv_split_limits():
