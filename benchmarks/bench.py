@@ -170,15 +170,13 @@ def _variant(impl: str):
   the head dim has one, at every key length, causal or not; "mosaic-serial" /
   "mosaic-pipelined", every head dim's forward with fwd_pipelined off / on; "mosaic-qN",
   every forward with N query tiles a CTA (tuning.forward_q_tiles); "mosaic-nosplit", the
-  forward's last wave left as it is (tuning.FWD_KV_SPLIT off); "mosaic-nomulticast", the
-  fused backward's key blocks one a CTA (tuning.BWD_MULTICAST off)."""
+  forward's last wave left as it is (tuning.FWD_KV_SPLIT off)."""
   patches = {
     "mosaic-twokernel": lambda: mock.patch.object(tuning, "DETERMINISTIC_FUSED", False),
     "mosaic-ordered": _ordered_everywhere,
     "mosaic-serial": lambda: _forward_pipelined(False),
     "mosaic-pipelined": lambda: _forward_pipelined(True),
     "mosaic-nosplit": lambda: mock.patch.object(tuning, "FWD_KV_SPLIT", False),
-    "mosaic-nomulticast": lambda: mock.patch.object(tuning, "BWD_MULTICAST", False),
   }
   if impl.startswith("mosaic-q") and impl[len("mosaic-q") :].isdigit():
     q_tiles = int(impl[len("mosaic-q") :])
@@ -245,8 +243,7 @@ def main(argv=None) -> int:
     "backward as two kernels), mosaic-ordered (the ordered fused backward at every "
     "length, causal or not), mosaic-serial / mosaic-pipelined (every forward with "
     "that consumer loop), mosaic-qN (every forward with N query tiles a CTA) and "
-    "mosaic-nosplit (the forward's last wave not split, tuning.FWD_KV_SPLIT off), "
-    "mosaic-nomulticast (the fused backward without clusters, tuning.BWD_MULTICAST off); "
+    "mosaic-nosplit (the forward's last wave not split, tuning.FWD_KV_SPLIT off); "
     "cudnn-det: cuDNN with xla_gpu_deterministic_ops (its backward then adds dQ in a "
     "fixed order; by default it does not)",
   )

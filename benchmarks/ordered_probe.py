@@ -38,11 +38,11 @@ point as it is measured, then a table:
 - ``ord-poll0``: every wait polls for a count of 0, which holds at once (a diagnostic:
   the round trip stays, the order goes);
 - ``ord-halfloads`` / ``fused-halfloads``: the ordered / unordered fused backward with
-  only the first half of each Q and dO tile fetched (a diagnostic, the results are wrong):
-  what halving the kernel's reads of those tiles from L2 would give (as a cluster of two
-  key blocks sharing them by TMA multicast would, without the cluster's coupling);
-- ``fused-nomulticast``: the unordered fused backward without clusters (bench.py's
-  ``mosaic-nomulticast`` is the default's);
+  only the first half of each Q and dO tile fetched (a diagnostic, the results are wrong).
+  Meant to bound what halving the kernel's reads of those tiles from L2 would give; what
+  it measures is mostly the data: the rows never fetched stay as shared memory held them,
+  and with ``--zero-half`` (the same rows zero in the inputs, fetched whole) ours and
+  cuDNN speed up alike (sixteenth session, RESULTS.md);
 - ``mosaic``: the package default; ``mosaic-fused``: ``deterministic_backward=False``.
 
     python benchmarks/ordered_probe.py --head-dims 128 --causal no --seqlens 2048 4096 16384
@@ -81,7 +81,6 @@ VARIANTS = {
   "ord-readland": lambda: _read_only_stores(),
   "ord-halfloads": lambda: _half_loads(),
   "fused-halfloads": lambda: _half_loads(),
-  "fused-nomulticast": lambda: mock.patch.object(tuning, "BWD_MULTICAST", False),
 }
 
 

@@ -251,10 +251,6 @@ ORDERED_CHUNK_BY_HEAD_DIM = {128: ((64, (1, 2)), (0, (1, 4)))}
 # head dim 64: 451 / 456 / 426 at 16k, 399 / 399 / 368 at 4k. Every pair heaviest
 # first waits at every tile as the non-causal kernel does (474 at 8k).
 ORDERED_DOWN_BLOCKS = 128
-# The fused backward (ordered or not) runs its key blocks two a cluster, which fetch
-# each Q and dO tile once between them by TMA multicast, wherever both visit the same
-# query tiles (mosaic/backward.py::multicast_fits: no causal mask or window).
-BWD_MULTICAST = True
 # (head_dim, causal) -> the shortest key length that takes the ordered fused backward
 # (None: never). Tenth session, H200 (results/s10_ordered/call6), head dim 64 fwd+bwd
 # TFLOP/s, two-kernel / ordered / cuDNN: non-causal 341 / 341 / 343 at 1k, 366 / 400 /

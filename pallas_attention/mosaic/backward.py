@@ -43,7 +43,6 @@ from pallas_attention import masks, tiles, tuning
 from pallas_attention.mosaic import forward as fwd
 
 ROWS = 64  # rows of one consumer warpgroup: the M of one wgmma
-CLUSTER = "cluster"  # the cluster axis of the fused kernel's multicast (``_fused``)
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -288,18 +287,12 @@ def _step(g, i, lo, num_q, down=False):
   return g * num_q + _mirror(i - lo, num_q, down)
 
 
-def _produce_query_tiles(
-  refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, down=False, collective=None
-):
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, down=False):
   """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
   the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step
   (``_query_tile``'s order).
 
   Q and lse arrive on ``q_bar``, dO and delta on ``do_bar`` (two copies each).
-  ``collective`` (a cluster axis name): the CTAs of a cluster, which visit the same
-  tiles, fetch each Q and dO tile once between them (TMA multicast: each fetches a part
-  of the rows into every CTA's ring); ``consumed`` must then count every CTA's
-  consumers (a cluster barrier), since a CTA writes into the others' slots.
   """
   q_ref, lse_ref, do_ref, delta_ref = refs
   q_ring, lse_ring, do_ring, delta_ring = rings
@@ -310,10 +303,9 @@ def _produce_query_tiles(
     q0 = i * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
-    shared = dict(collective_axes=collective) if collective else {}
-    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot], **shared)
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot], q_bar.at[slot])
     plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
-    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot], do_bar.at[slot], **shared)
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot], do_bar.at[slot])
     plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
 
   _produce(group * num_q, stages, fetch, consumed)
@@ -375,12 +367,10 @@ def _store_register(ref, register: str) -> None:
   store(ref)
 
 
-def _call(body, out_type, scratch, grid, grid_names, consumers, name, cluster=()):
+def _call(body, out_type, scratch, grid, grid_names, consumers, name):
   # ``name``: the kernel's name in profiles (benchmarks/profile_step.py).
   # Mosaic GPU launches the last grid axis fastest: give it the tile axis, so the CTAs
   # that stream the same head's tiles run side by side and share them in L2.
-  # ``cluster``: (size,) CTAs a cluster along that axis (named CLUSTER), its CTAs
-  # launched one after the other.
   return plgpu.kernel(
     body,
     out_type=out_type,
@@ -391,8 +381,6 @@ def _call(body, out_type, scratch, grid, grid_names, consumers, name, cluster=()
     num_threads=consumers + 1,
     thread_name="wg",
     kernel_name=name,
-    cluster=cluster,
-    cluster_names=(CLUSTER,) if cluster else (),
   )
 
 
@@ -679,7 +667,6 @@ def _fused(
   reduce,
   ordered,
   timeline=False,
-  multicast=False,
 ):
   """dQ, dK and dV in one kernel: the dK/dV kernel that also adds each tile's dQ.
 
@@ -720,11 +707,6 @@ def _fused(
   visited downward). Non-causal, blocks that start together still trail each other by
   one add; ``_ordered_cta`` shortens those chains.
 
-  ``multicast`` (``multicast_fits``): key blocks ``2u + 1`` and ``2u`` of a pair run as one
-  cluster of two CTAs, launched one after the other (the higher first, ordered), which
-  fetch each Q and dO tile once between them by TMA multicast, half the rows each:
-  half the kernel's reads of those tiles from L2.
-
   The Mosaic GPU interpreter has no TMA reductions (nor global semaphores): with
   ``reduce=False`` each CTA writes its partial dQ to a slice of its own
   (``[S / dkv_kv, B, T, N, H]``) and XLA sums them in a fixed order (fine for test
@@ -763,10 +745,6 @@ def _fused(
     wg = lax.axis_index("wg")
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     kv_block = lax.axis_index("kv")
-    member = 0
-    if multicast:  # the grid's kv axis counts clusters of two key blocks
-      member = lax.axis_index(CLUSTER)
-      kv_block = 2 * kv_block + member
     launch = _launch_index(batch, kv_head, kv_block, kv_heads, s // bk) if timeline else None
 
     def stamp(step, event):
@@ -774,11 +752,7 @@ def _fused(
         _store_register(stamps_ref.at[launch, step, pl.ds(event, 1)], "globaltimer_lo")
 
     down = False
-    if ordered and multicast:  # a cluster takes a key block's place in the order
-      cta = (batch, kv_head, lax.div(kv_block, 2), b, kv_heads, s // bk // 2, spec.causal, h)
-      batch, kv_head, unit, down = _ordered_cta(*cta)
-      kv_block = 2 * unit + 1 - member  # the higher block of the two adds first
-    elif ordered:
+    if ordered:
       cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal, h)
       batch, kv_head, kv_block, down = _ordered_cta(*cta)
     k0 = kv_block * bk
@@ -798,7 +772,6 @@ def _fused(
         bq,
         stages,
         down,
-        CLUSTER if multicast else None,
       )
 
     def write_dq(counts):
@@ -973,10 +946,7 @@ def _fused(
     plgpu.Barrier(num_arrivals=2, num_barriers=consumers),  # K, V
     plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # Q, lse
     plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dO, delta
-    # a ring slot consumed (by every CTA of the cluster: its Q and dO are multicast)
-    plgpu.ClusterBarrier(collective_axes=(CLUSTER,), num_arrivals=consumers, num_barriers=stages)
-    if multicast
-    else plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
     plgpu.Barrier(num_arrivals=consumers, num_barriers=2),  # dsᵀ written
     plgpu.Barrier(num_arrivals=consumers),  # done with K
   ]
@@ -986,8 +956,7 @@ def _fused(
       plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dQ slabs added (writer warp)
     ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
-  grid = (b, kv_heads, s // bk // 2 if multicast else s // bk)
-  cluster = (2,) if multicast else ()
+  grid = (b, kv_heads, s // bk)
   name = "attention_fused_ordered" if semaphores else "attention_fused"
   ctas = b * kv_heads * (s // bk)
   extra = ()
@@ -999,11 +968,11 @@ def _fused(
   names = ("batch", "heads", "kv")
   if stores_every_tile:
     dq_type = jax.ShapeDtypeStruct(acc_shape, jnp.float32)
-    call = _call(kernel, (dq_type, k, v, *extra), scratch, grid, names, consumers, name, cluster)
+    call = _call(kernel, (dq_type, k, v, *extra), scratch, grid, names, consumers, name)
     dq, dk, dv, *stamps = call(q, k, v, do, lse2, delta)
   else:
     dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
-    call = _call(kernel, (k, v, *extra), scratch, grid, names, consumers, name, cluster)
+    call = _call(kernel, (k, v, *extra), scratch, grid, names, consumers, name)
     dk, dv, *stamps = call(q, k, v, do, lse2, delta, dq_acc)
     dq = dq_acc[...]
   if not reduce:
@@ -1271,22 +1240,6 @@ def _dq(q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_regis
   return call(q, k, v, do, lse2, delta)
 
 
-def multicast_fits(spec: masks.MaskSpec, q_len: int, kv_len: int, s: int, blocks) -> bool:
-  """Whether the fused kernel runs its key blocks two a cluster, sharing their Q and dO
-  tiles (``_fused``'s ``multicast``; ``tuning.BWD_MULTICAST``): both CTAs of a cluster
-  must visit the same query tiles, so no causal mask or window, an even number of key
-  blocks, and every key block holding a key (a block of padding alone visits none)."""
-  bk = blocks.dkv_kv
-  return bool(
-    tuning.BWD_MULTICAST
-    and blocks.bwd_fused
-    and spec == masks.MaskSpec()
-    and s % (2 * bk) == 0
-    and kv_len > s - bk
-    and q_len > 0
-  )
-
-
 def backward(
   q,
   k,
@@ -1348,10 +1301,9 @@ def kernels(
   check(q, k, blocks)
   lse2, delta = lse2.astype(jnp.float32), delta.astype(jnp.float32)
   args = (q, k, v, do, lse2, delta, scale, spec, q_len, kv_len, blocks, p_in_registers)
-  multicast = not interpret and multicast_fits(spec, q_len, kv_len, k.shape[1], blocks)
   with plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext():
     if blocks.bwd_fused:
-      return _fused(*args, reduce=not interpret, ordered=deterministic, multicast=multicast)
+      return _fused(*args, reduce=not interpret, ordered=deterministic)
     dk, dv = (_dkv_split if blocks.dkv_split else _dkv)(*args)
     dq = _dq(*args)
   return dq, dk, dv
