@@ -141,24 +141,19 @@ def _half_loads():
 
   from pallas_attention.mosaic import backward
 
-  def produce(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, down=False):
-    q_ref, lse_ref, do_ref, delta_ref = refs
-    q_ring, lse_ring, do_ring, delta_ring = rings
-    q_bar, do_bar, consumed = bars
-    half = bq // 2
+  copy, produce = plgpu.copy_gmem_to_smem, backward._produce_query_tiles
 
-    def fetch(step, slot):
-      g, i = backward._query_tile(step, lo, num_q, down)
-      q0, head = i * bq, head0 + g
-      rows, vec = (batch, pl.ds(q0, half), head), (batch, head, pl.ds(q0, bq))
-      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_ring.at[slot, pl.ds(0, half)], q_bar.at[slot])
-      plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_ring.at[slot], q_bar.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_ring.at[slot, pl.ds(0, half)], do_bar.at[slot])
-      plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_ring.at[slot], do_bar.at[slot])
+  def half_copy(src, dst, barrier, **kwargs):
+    if len(dst.shape) == 2:  # a Q or dO tile, not an lse or delta vector
+      half = pl.ds(0, dst.shape[0] // 2)
+      src, dst = src.at[half], dst.at[half]
+    copy(src, dst, barrier, **kwargs)
 
-    backward._produce(group * num_q, stages, fetch, consumed)
+  def half_produce(*args, **kwargs):
+    with mock.patch.object(plgpu, "copy_gmem_to_smem", half_copy):
+      produce(*args, **kwargs)
 
-  with mock.patch.object(backward, "_produce_query_tiles", produce):
+  with mock.patch.object(backward, "_produce_query_tiles", half_produce):
     yield
 
 
