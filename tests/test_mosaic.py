@@ -225,8 +225,9 @@ def test_forward_kv_split_head_dim_256(p_in_registers, rng):
 
 def test_forward_kv_split_limits():
   """A split that cannot run is refused with a reason: with several query tiles a CTA,
-  with a tail as long as the query, more parts than key tiles, or at head dim 256 (its
-  parts' float32 output does not fit in shared memory)."""
+  with a tail as long as the query, more parts than key tiles, or where its parts'
+  float32 output does not fit in shared memory (head dim 256 with 128-row key tiles; with
+  the table's 64-row tiles it fits)."""
   run = functools.partial(
     mosaic_forward.forward, scale=0.1, spec=masks.MaskSpec(), q_len=256, kv_len=256
   )
