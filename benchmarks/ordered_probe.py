@@ -24,9 +24,6 @@ point as it is measured, then a table:
   ``ord-pPcCwW`` both;
 - ``ord-strideN``: the counts N 4-byte words apart (``tuning.ORDERED_SEM_STRIDE``; 32:
   one per 128-byte line, 1: packed);
-- ``ord-rotD``: each launched key block's visits rotated by D more steps, the adds in
-  two chains into two buffers (``tuning.ORDERED_ROTATE``; non-causal calls without
-  padding; elsewhere the default);
 - ``ord-downN``: causal, the last pairs (enough for N key blocks) launched heaviest
   block first, adding from the lowest block up (``tuning.ORDERED_DOWN_BLOCKS``;
   ``ord-down0``: none, ``ord-down1000000``: every pair);
@@ -189,9 +186,6 @@ def variant(name: str):
   match = re.fullmatch(r"ord-stride(\d+)", name)
   if match:
     return mock.patch.object(tuning, "ORDERED_SEM_STRIDE", int(match.group(1)))
-  match = re.fullmatch(r"ord-rot(\d+)", name)
-  if match:
-    return mock.patch.object(tuning, "ORDERED_ROTATE", int(match.group(1)))
   match = re.fullmatch(r"ord-down(\d+)", name)
   if match:
     return mock.patch.object(tuning, "ORDERED_DOWN_BLOCKS", int(match.group(1)))

@@ -139,7 +139,7 @@ def analyse(stamps, sm, steps, pair, block, down, causal: bool, ordered: bool = 
       "life": float(np.mean(life[sel])),
       **{k: float(np.mean(v[sel] / life[sel])) for k, v in parts.items()},
     }
-  if ordered and not causal and not tuning.ORDERED_ROTATE:  # step st is one tile for all blocks
+  if ordered and not causal:  # every block visits the tiles in one order: step st is a tile
     index = {(int(p), int(k)): c for c, (p, k) in enumerate(zip(pair, block, strict=True))}
     gaps = []
     for c in range(ctas):

@@ -218,12 +218,6 @@ ORDERED_SEM_STRIDE = 32
 ORDERED_POLL_FIRST = True
 # (Two dQ writer warps, one per slab buffer, measured the same or worse in call 4 and
 # on the H100 in the eighth session; tried in 41f5f92, removed.)
-# Rotated visits (mosaic/backward.py::_rotation, _dq_chain): where every key block of
-# the ordered kernel visits every query tile (non-causal, no window or padding edge),
-# the block launched L-th visits them starting ORDERED_ROTATE·L steps in, so it reaches
-# each tile that many steps after the block it waits for, and the adds run in two
-# chains into two float32 buffers summed after the kernel. 0: not rotated.
-ORDERED_ROTATE = 0
 # The ordered kernel's launch order (mosaic/backward.py::_ordered_cta): key blocks of one
 # (batch, kv head) start ORDERED_CHUNK at a time beside the same chunk of other pairs,
 # about ORDERED_WAVE CTAs together (0: a pair's key blocks all one after the other),

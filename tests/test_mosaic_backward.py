@@ -357,97 +357,8 @@ def _check_dq_turns(blocks, first, stop, down=False):
   assert count == 0
 
 
-@pytest.mark.parametrize(
-  "num_kv,num_q,group,d", [(4, 4, 1, 1), (4, 4, 2, 2), (3, 4, 2, 2), (5, 6, 2, 1), (16, 32, 1, 2)]
-)
-def test_rotated_dq_chains(num_kv, num_q, group, d):
-  """The rotated ordered kernel's schedule (``_query_tile``/``_step`` with ``rotate``,
-  ``_dq_chain``, ``_second_chain``), simulated for every place a block visits: block
-  ``L`` visits each place once, ``d·L`` steps in; each chain's blocks add one at a time
-  in launch order, each waiting only for the block launched just before it, which
-  visited the place ``d`` steps earlier; the counts come back to zero; the second
-  chain's places are the ones ``_second_chain`` marks."""
-  total = group * num_q
-  assert d * num_kv <= total
-  launched = np.arange(num_kv)
-  second = np.asarray(mosaic_bwd._second_chain(num_q, group, 1, group, d, num_kv))  # [t, n]
-  for block in launched:
-    rotate = (int(d * block) % total, total)
-    visits = [mosaic_bwd._query_tile(jnp.int32(st), 0, num_q, rotate=rotate) for st in range(total)]
-    places = [int(g) * num_q + int(i) for g, i in visits]
-    assert places == [(st - d * int(block)) % total for st in range(total)]
-    for st, (g, i) in enumerate(visits):
-      assert int(mosaic_bwd._step(g, i, 0, num_q, rotate=rotate)) == st
-  for place in range(total):
-    chain, turn, last, more = (
-      np.asarray(x) for x in mosaic_bwd._dq_chain(launched, place, d, total, num_kv)
-    )
-    steps = (place + d * launched) % total  # when each block visits the place
-    assert chain[0] == 0
-    assert second[place % num_q, place // num_q] == (chain == 1).any()
-    for c in (0, 1):
-      members = launched[chain == c]
-      if not members.size:
-        continue
-      assert turn[members].tolist() == list(range(members.size))
-      assert np.all(np.diff(members) == 1)  # each waits for the block launched before it
-      assert np.all(np.diff(steps[members]) == d)  # which was there d steps earlier
-      assert last[members].tolist() == [False] * (members.size - 1) + [True]
-      assert np.array_equal(more[members], ~last[members])
-      count = 0
-      for block in members:
-        assert count == turn[block]
-        if last[block]:
-          count -= turn[block]
-        if more[block]:
-          count += 1
-      assert count == 0
-
-
-@pytest.mark.parametrize("rotate", [2])
-def test_backward_fused_ordered_rotated(rotate, rng, monkeypatch):
-  """tuning.ORDERED_ROTATE: the ordered kernel's key blocks visit the query tiles of
-  their GQA group rotated by ``rotate`` steps per launched block (the producer fetches
-  and the consumers compute in that order; here in the interpreter, whose ordered
-  kernel keeps a dQ slice per key block), against the reference; only where every
-  block visits every tile unmasked."""
-  monkeypatch.setattr(tuning, "ORDERED_ROTATE", rotate)
-  plain, causal = masks.MaskSpec(), masks.MaskSpec(True)
-  edges = masks.edge_runs(plain, 256, 256, 256, 256, over_queries=True)
-  assert mosaic_bwd._rotation(plain, 256, 256, 256, 256, 64, 64, 2, edges) == rotate
-  assert mosaic_bwd._rotation(plain, 256, 256, 256, 256, 64, 64, 1, edges) == 1  # 4 places
-  padded = masks.edge_runs(plain, 256, 250, 256, 256, over_queries=True)
-  assert mosaic_bwd._rotation(plain, 256, 250, 256, 256, 64, 64, 2, padded) == 0
-  edges = masks.edge_runs(causal, 256, 256, 256, 256, over_queries=True)
-  assert mosaic_bwd._rotation(causal, 256, 256, 256, 256, 64, 64, 2, edges) == 0
-  jax.clear_caches()  # backward_jit's cache keys on its arguments, not on the table
-  _check(rng, 1, 256, 256, 4, 2, 64, plain, None, None, FUSED_ONE, deterministic=True)
-  jax.clear_caches()
-
-
-@pytest.mark.skipif(ON_GPU, reason="on the GPU the determinism test runs this path")
-def test_rotated_ordered_kernel_lowers_for_cuda(monkeypatch):
-  """The rotated ordered kernel with its two chains of adds (two dQ buffers and twice
-  the counts) lowers for CUDA, head dim 128, GQA."""
-  monkeypatch.setattr(tuning, "ORDERED_ROTATE", 2)
-  h, b, t, n, kv_heads = 128, 1, 512, 4, 2
-  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((b, t, kv_heads, h), jnp.bfloat16)
-  vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
-  static = dict(scale=0.1, spec=masks.MaskSpec(), q_len=t, kv_len=t, blocks=FUSED_COLS)
-  choices = dict(p_in_registers=True, interpret=False, deterministic=True)
-  call = functools.partial(mosaic_bwd.kernels, **static, **choices)
-  traced = jax.jit(call).trace(q, k, k, q, vec, vec)
-  assert [x.shape for x in traced.out_info] == [(b, t, n, h), (b, t, kv_heads, h)] * 1 + [
-    (b, t, kv_heads, h)
-  ]
-  text = traced.lower(lowering_platforms=("cuda",)).as_text()
-  assert "red.release.gpu.global.add" in text
-  assert "tensor<2x1x512x4x128xf32>" in text  # the two chains' buffers
-
-
 @pytest.mark.skipif(not ON_GPU, reason="global semaphores: the interpreter has none")
-@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "other_poll", "rotate1", "rotate2"])
+@pytest.mark.parametrize("parts", [1, 2, 4, "up", "down16", "other_poll"])
 @pytest.mark.parametrize("h,blocks", [(64, FUSED_ROWS), (128, FUSED_COLS)], ids=["rows", "cols"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, rng, monkeypatch):
@@ -458,14 +369,7 @@ def test_gpu_ordered_fused_backward_is_deterministic(h, blocks, causal, parts, r
   every pair of these shapes is launched heaviest key block first
   (tuning.ORDERED_DOWN_BLOCKS); ``up`` / ``down16``: one count a tile, none / the last
   of the four pairs (16 key blocks) is; ``other_poll``: the writer polls for its turn
-  after the slabs are in, not before (tuning.ORDERED_POLL_FIRST); ``rotateD``: the
-  non-causal kernel's visits rotated by D steps a block, its adds in two chains
-  (tuning.ORDERED_ROTATE)."""
-  if parts in ("rotate1", "rotate2"):
-    if causal:
-      pytest.skip("rotated visits: non-causal calls only")
-    monkeypatch.setattr(tuning, "ORDERED_ROTATE", int(parts[-1]))
-    parts = 1
+  after the slabs are in, not before (tuning.ORDERED_POLL_FIRST)."""
   if parts == "other_poll":
     monkeypatch.setattr(tuning, "ORDERED_POLL_FIRST", not tuning.ORDERED_POLL_FIRST)
     parts = 1

@@ -272,33 +272,22 @@ def _mirror(offset, count, down):
   return jnp.where(down, count - 1 - offset, offset)
 
 
-def _query_tile(step, lo, num_q, down=False, rotate=None):
+def _query_tile(step, lo, num_q, down=False):
   """The (GQA head ``g``, query tile ``i``) of a dK/dV kernel's step: the heads in
   turn, each over tiles ``[lo, lo + num_q)`` in order (from the last down where
   ``down``: the ordered fused kernel's heaviest-first blocks, ``_ordered_cta``). The
   producer fetches in this order, and the fused kernel's dQ writer adds in it.
-  ``rotate``: ``(shift, total)``, step ``st`` visits place ``(st - shift) mod total``
-  of that order (the ordered kernel's rotated visits, ``_rotation``). ``_step`` is
-  the inverse."""
-  if rotate is not None:
-    shift, total = rotate
-    step = lax.rem(step + (total - shift), total)
+  ``_step`` is the inverse."""
   g = lax.div(step, num_q)  # num_q > 0 whenever there is a step
   return g, lo + _mirror(step - g * num_q, num_q, down)
 
 
-def _step(g, i, lo, num_q, down=False, rotate=None):
+def _step(g, i, lo, num_q, down=False):
   """The step at which a dK/dV kernel visits query tile ``i`` of GQA head ``g``."""
-  step = g * num_q + _mirror(i - lo, num_q, down)
-  if rotate is not None:
-    shift, total = rotate
-    step = lax.rem(step + shift, total)
-  return step
+  return g * num_q + _mirror(i - lo, num_q, down)
 
 
-def _produce_query_tiles(
-  refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, down=False, rotate=None
-):
+def _produce_query_tiles(refs, rings, bars, batch, head0, group, lo, num_q, bq, stages, down=False):
   """Producer of the dK/dV kernels: Q, lse, dO, delta tiles for every (query head of
   the GQA group starting at ``head0``, query tile in ``[lo, lo + num_q)``) step
   (``_query_tile``'s order).
@@ -310,7 +299,7 @@ def _produce_query_tiles(
   q_bar, do_bar, consumed = bars
 
   def fetch(step, slot):
-    g, i = _query_tile(step, lo, num_q, down, rotate)
+    g, i = _query_tile(step, lo, num_q, down)
     q0 = i * bq
     head = head0 + g
     rows, vec = (batch, pl.ds(q0, bq), head), (batch, head, pl.ds(q0, bq))
@@ -554,48 +543,6 @@ def _dq_turn(kv_block, first, stop, down=False):
   return tuple(jnp.where(down, b, a) for a, b in zip(above, below, strict=True))
 
 
-def _rotation(spec, q_len, kv_len, t, s, bq, bk, group, edges) -> int:
-  """Steps ``d`` by which the ordered fused kernel rotates each key block's visits
-  (``tuning.ORDERED_ROTATE``; 0: not rotated). Only where every key block visits every
-  query tile of its GQA group unmasked (no causal mask, window or padding edge), and
-  ``d`` times the key blocks fit in a block's steps (``_dq_chain``)."""
-  if not tuning.ORDERED_ROTATE or spec.causal or any(edges):
-    return 0
-  num_q, num_kv = t // bq, s // bk
-  q_lo, q_hi = query_tiles_of_key_blocks(spec, q_len, kv_len, s, bq, bk)
-  if not ((q_lo == 0).all() and (q_hi == num_q).all()):
-    return 0
-  return min(tuning.ORDERED_ROTATE, group * num_q // num_kv)
-
-
-def _dq_chain(launched, place, d, total, num_kv):
-  """The rotated ordered kernel's place for the key block launched ``launched``-th of
-  its (batch, kv head) pair in the adds into the query tile at place ``place`` of the
-  ``total`` places a block visits: ``(chain, turn, last, more)`` as ``_dq_turn``'s, and
-  ``chain`` (0 or 1) the dQ buffer and count it adds into.
-
-  Block ``L`` visits place ``(st - d·L) mod total`` at its step ``st``, so it visits
-  each place ``d`` steps after block ``L - 1`` did: adding after that block costs no
-  wait unless a block falls ``d`` steps behind. Where ``place + d·L`` passes ``total``
-  the visits wrap, and the blocks from there on (chain 1, the first of them at step
-  ``place + d·L - total``) add after one another into a second buffer; chain 0 holds
-  blocks ``0 .. split - 1``. A block only ever waits for the block launched before it
-  (``d · num_kv <= total``: at most one wrap). Traced or numpy integers."""
-  split = (total - place - 1) // d + 1  # the first block whose visit wraps
-  second = launched >= split
-  turn = launched - jnp.where(second, split, 0)
-  final = jnp.where(second, num_kv, jnp.minimum(split, num_kv)) - 1  # the chain's last block
-  return second.astype(jnp.int32), turn, launched == final, launched < final
-
-
-def _second_chain(t, n, bq, group, d, num_kv):
-  """bool ``[t, n]``: the query rows and heads whose dQ has a second chain of adds in
-  the rotated ordered kernel (``_dq_chain``: its buffer holds nothing elsewhere)."""
-  num_q = t // bq
-  place = (jnp.arange(n) % group)[None, :] * num_q + (jnp.arange(t) // bq)[:, None]
-  return (group * num_q - place - 1) // d + 1 < num_kv
-
-
 def _add_part(sem, copies, turn, last, more, ready=None) -> None:
   """Once ``turn`` adds of this part are counted in ``sem``, store (turn 0) or add the
   ``(source, target)`` pairs that ``copies()`` gives; the last adder takes the count
@@ -785,9 +732,6 @@ def _fused(
   stores_every_tile = semaphores and dq_contributors(spec, q_len, kv_len, t, s, bq, bk)[1].all()
   dq_parts = _dq_parts(consumers, slab_rows, tuning.ORDERED_DQ_PARTS) if semaphores else ()
   sem_stride = tuning.ORDERED_SEM_STRIDE
-  num_kv, total = s // bk, steps
-  d = _rotation(spec, q_len, kv_len, t, s, bq, bk, group, edges) if ordered else 0
-  chains = 2 if d and semaphores else 1
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, *scratch):
     stamps_ref = sm_ref = None
@@ -807,13 +751,10 @@ def _fused(
       if timeline:
         _store_register(stamps_ref.at[launch, step, pl.ds(event, 1)], "globaltimer_lo")
 
-    down, rotate, launched = False, None, None
+    down = False
     if ordered:
-      cta = (batch, kv_head, kv_block, b, kv_heads, num_kv, spec.causal, h)
+      cta = (batch, kv_head, kv_block, b, kv_heads, s // bk, spec.causal, h)
       batch, kv_head, kv_block, down = _ordered_cta(*cta)
-    if d:  # non-causal: each pair's blocks are launched from the last down
-      launched = num_kv - 1 - kv_block
-      rotate = (lax.rem(d * launched, total), total)
     k0 = kv_block * bk
     lo, _, _, hi = q_range(k0, bk, bq)
     num_q = hi - lo
@@ -831,7 +772,6 @@ def _fused(
         bq,
         stages,
         down,
-        rotate,
       )
 
     def write_dq(counts):
@@ -842,25 +782,20 @@ def _fused(
       added that part, so the next block's first part can go in while this block's
       later parts are still on their way."""
 
-      def part_copies(buf, i, head, part, chain):  # (slab in shared memory, its place in dQ)
+      def part_copies(buf, i, head, part):  # (slab in shared memory, its place in dQ)
         for c, r, rows in part:
           q_rows = pl.ds(i * bq + (c * row_step + r), rows)
           target = (batch, q_rows, head, pl.ds(c * col_step, slab_cols))
-          if chains > 1:
-            target = (chain, *target)
           yield dq_smem.at[buf, c, pl.ds(r, rows)], dq_ref.at[target]
 
       def step(st, carry):
         stamp(st, 0)
-        g, i = _query_tile(st, lo, num_q, down, rotate)
+        g, i = _query_tile(st, lo, num_q, down)
         buf = lax.rem(st, 2)
         head = kv_head * group + g
-        if chains > 1:
-          chain, turn, last, more = _dq_chain(launched, g * num_q + (i - lo), d, total, num_kv)
-        else:
-          first, _, _, stop = kv_range(i * bq, bq, bk)
-          chain, (turn, last, more) = 0, _dq_turn(kv_block, first, stop, down)
-        tile = ((batch * n + head) * (t // bq) + i) * chains + chain
+        first, _, _, stop = kv_range(i * bq, bq, bk)
+        turn, last, more = _dq_turn(kv_block, first, stop, down)
+        tile = (batch * n + head) * (t // bq) + i
         sems = [counts.at[(tile * len(dq_parts) + p) * sem_stride] for p in range(len(dq_parts))]
 
         def slabs_in():
@@ -872,7 +807,7 @@ def _fused(
         if not poll_first:
           slabs_in()
         for p, (sem, part) in enumerate(zip(sems, dq_parts, strict=True)):
-          copies = functools.partial(part_copies, buf, i, head, part, chain)
+          copies = functools.partial(part_copies, buf, i, head, part)
           _add_part(sem, copies, turn, last, more, slabs_in if poll_first and p == 0 else None)
         for p, sem in enumerate(sems):
           later = sum(len(part) for part in dq_parts[p + 1 :])
@@ -897,7 +832,7 @@ def _fused(
       # One count of adds done per (batch, query head, query tile) or per part of
       # one, sem_stride words apart.
       counts = pl.get_global(
-        plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * chains * len(dq_parts) * sem_stride,))
+        plgpu.SemaphoreType.REGULAR((b * n * (t // bq) * len(dq_parts) * sem_stride,))
       )
 
       @plgpu.warp_map
@@ -931,7 +866,7 @@ def _fused(
       def visit(g, masked, i, carry):
         dk, dv, visits = carry
         consumer_stamp(visits, 5)
-        slot = lax.rem(_step(g, i, lo, num_q, down, rotate), stages)
+        slot = lax.rem(_step(g, i, lo, num_q, down), stages)
         buf = lax.rem(visits, 2)
         tile = (slot, rings, (q_bar, do_bar), k_wg, v_wg, dv, a_smem, masked, r0, i, static)
         dv, dst, q_tile = _dkv_tile(*tile)
@@ -980,15 +915,7 @@ def _fused(
 
       zeros = plgpu.layout_cast(jnp.zeros((ROWS, h), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros, jnp.int32(0))
-      if rotate is None:
-        dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, edges, down)
-      else:  # every tile, unmasked (_rotation), in the rotated order
-
-        def rotated(st, carry):
-          g, i = _query_tile(st, lo, num_q, rotate=rotate)
-          return visit(g, False, i, carry)
-
-        dk, dv, _ = lax.fori_loop(0, total, rotated, carry)
+      dk, dv, _ = _sweep_group(group, ranges, visit, skip, carry, edges, down)
       plgpu.barrier_arrive(done)
       plgpu.barrier_wait(done)  # no warpgroup reads K for dQ any more
       k_wg[...] = (dk * scale).astype(k_wg.dtype)
@@ -1029,8 +956,6 @@ def _fused(
       plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dQ slabs added (writer warp)
     ]
   acc_shape = (b, t, n, h) if reduce else (s // bk, b, t, n, h)
-  if chains > 1:
-    acc_shape = (chains, *acc_shape)
   grid = (b, kv_heads, s // bk)
   name = "attention_fused_ordered" if semaphores else "attention_fused"
   ctas = b * kv_heads * (s // bk)
@@ -1052,8 +977,6 @@ def _fused(
     dq = dq_acc[...]
   if not reduce:
     dq = dq.sum(axis=0)
-  if chains > 1:  # the second chain's buffer holds nothing where it has no adds
-    dq = dq[0] + jnp.where(_second_chain(t, n, bq, group, d, num_kv)[None, :, :, None], dq[1], 0)
   return ((dq * scale).astype(dtype), dk, dv, *stamps)
 
 
